@@ -1,0 +1,63 @@
+"""Prediction losses, the VICReg regulariser, and the statistics that show collapse.
+
+I-JEPA regresses the target encoder's (layer-normalised) features at the target patches. The
+paper writes an L2 loss (Sec. 3, Eq. 1); the official code uses smooth-L1 (`F.smooth_l1_loss` in
+src/train.py). A collapsed encoder (every image mapped to the same vector) makes any of these losses
+zero, so a low loss alone proves nothing: `collapse_stats` is what tells a healthy run from a
+collapsed one. `vicreg_loss` is the optional explicit guard of C-JEPA (Mo & Tong, 2024), which adds
+VICReg's variance and covariance terms (Bardes et al., ICLR 2022) on the online embeddings.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def jepa_loss(pred, target, kind="smooth_l1", *, stop_gradient=True):
+    """Mean prediction loss between pred and target, both (..., D); a scalar.
+
+    kind: "smooth_l1" (official code, beta 1), "l2" (the paper's Eq. 1, mean squared error) or
+    "cosine" (1 - cosine similarity per token). With stop_gradient (the default and the I-JEPA
+    recipe) no gradient reaches the target branch even if the caller forgot no_grad; the collapse
+    study turns it off to let gradients flow through a shared target encoder.
+    """
+    if stop_gradient:
+        target = target.detach()
+    if kind == "smooth_l1":
+        return F.smooth_l1_loss(pred, target)
+    if kind == "l2":
+        return F.mse_loss(pred, target)
+    if kind == "cosine":
+        return 1.0 - F.cosine_similarity(pred, target, dim=-1).mean()
+    raise ValueError(f"unknown loss kind {kind!r}: use smooth_l1, l2 or cosine")
+
+
+def vicreg_loss(z, std_target=1.0, eps=1e-4):
+    """VICReg variance and covariance terms of z (n, D) -> (variance_term, covariance_term).
+
+    variance: mean over dimensions of relu(std_target - std), a hinge that keeps every feature
+    spread across the batch. covariance: squared off-diagonal covariance summed and divided by D,
+    which decorrelates features so they cannot all encode the same thing.
+    """
+    z = z.float()
+    n, D = z.shape
+    std = torch.sqrt(z.var(dim=0) + eps)  # (D,)
+    variance = F.relu(std_target - std).mean()
+    zc = z - z.mean(dim=0)
+    cov = zc.T @ zc / (n - 1)  # (D, D)
+    off_diag = cov - torch.diag(torch.diag(cov))
+    return variance, off_diag.pow(2).sum() / D
+
+
+@torch.no_grad()
+def collapse_stats(z):
+    """Collapse statistics of features z (n, D): {"std_mean", "std_min", "eff_rank"} as floats.
+
+    std: per-dimension standard deviation over the n samples (near 0 = collapse to a constant).
+    eff_rank: exp of the entropy of the normalised singular values (RankMe, Garrido et al. 2023);
+    D for isotropic features, 1 for features that all lie on one line (dimensional collapse).
+    """
+    z = z.float()
+    std = z.std(dim=0)
+    s = torch.linalg.svdvals(z)
+    p = s / s.sum().clamp_min(1e-12) + 1e-12
+    eff_rank = torch.exp(-(p * p.log()).sum())
+    return {"std_mean": std.mean().item(), "std_min": std.min().item(), "eff_rank": eff_rank.item()}

@@ -1,0 +1,303 @@
+"""The test suite: small, CPU-only, one invariant per test. Run: python -m pytest -q test_all.py"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import models
+from ema import ema_update, make_target, momentum_at
+from losses import collapse_stats, jepa_loss, vicreg_loss
+from masks import apply_masks, sample_masks
+
+
+def tiny_encoder(img_size=32, patch_size=4, depth=2):
+    return models.VisionTransformer(img_size=img_size, patch_size=patch_size, embed_dim=48, depth=depth,
+                                    num_heads=3)
+
+
+def tiny_predictor(grid=(8, 8), depth=2):
+    return models.VisionTransformerPredictor(num_patches=grid[0] * grid[1], embed_dim=48, predictor_embed_dim=24,
+                                             depth=depth, num_heads=3, grid=grid)
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+def test_encoder_shapes_full_and_masked():
+    enc, x = tiny_encoder(), torch.randn(2, 3, 32, 32)
+    assert enc(x).shape == (2, 64, 48)
+    assert enc(x, torch.tensor([[0, 5, 63], [1, 2, 3]])).shape == (2, 3, 48)
+
+
+def test_encoder_non_square_and_other_resolution():
+    enc = tiny_encoder(img_size=(16, 32))
+    assert enc.grid == (4, 8) and enc(torch.randn(1, 3, 16, 32)).shape == (1, 32, 48)
+    assert enc(torch.randn(1, 3, 32, 48)).shape == (1, 96, 48)  # resized position table
+
+
+def test_predictor_shapes():
+    pred = tiny_predictor()
+    mc, mt = sample_masks(3, 8, generator=torch.Generator().manual_seed(0))
+    out = pred(torch.randn(3, mc.shape[1], 48), mc, mt)
+    assert out.shape == (3, 4, mt.shape[2], 48)
+
+
+def test_sdpa_matches_explicit_softmax_attention():
+    torch.manual_seed(0)
+    attn, x = models.Attention(48, num_heads=3), torch.randn(2, 7, 48)
+    q, k, v = attn.qkv(x).reshape(2, 7, 3, 3, 16).permute(2, 0, 3, 1, 4)
+    weights = (q @ k.transpose(-2, -1) / math.sqrt(16)).softmax(dim=-1)
+    expected = attn.proj((weights @ v).transpose(1, 2).reshape(2, 7, 48))
+    torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_sincos_table_values():
+    dim, H, W = 16, 3, 5
+    table = models.sincos_pos_embed(dim, H, W)
+    omega = [1 / 10000 ** (k / 4) for k in range(4)]
+    for r in range(H):
+        for c in range(W):
+            row = table[r * W + c].tolist()
+            expected = ([math.sin(c * o) for o in omega] + [math.cos(c * o) for o in omega]
+                        + [math.sin(r * o) for o in omega] + [math.cos(r * o) for o in omega])
+            assert row == pytest.approx(expected, abs=1e-6)
+
+
+def test_pos_embed_resize_keeps_rows_and_columns_apart():
+    # channel 0 holds the row index, channel 1 the column: a resize that assumed a cls token (or
+    # mixed up the layout) would shift values between rows
+    H, W = 4, 6
+    rows, cols = torch.meshgrid(torch.arange(H).float(), torch.arange(W).float(), indexing="ij")
+    table = torch.stack([rows.flatten(), cols.flatten()], dim=1).unsqueeze(0)  # (1, H*W, 2)
+    out = models.resize_pos_embed(table, (H, W), (H, 2 * W)).reshape(H, 2 * W, 2)
+    torch.testing.assert_close(out[..., 0], rows[:, :1].expand(H, 2 * W))
+    assert models.resize_pos_embed(table, (H, W), (H, W)) is table
+
+
+def test_official_parameter_names():
+    enc = models.vit_tiny(img_size=32, patch_size=4)
+    keys = set(enc.state_dict())
+    for name in ["pos_embed", "patch_embed.proj.weight", "blocks.11.norm1.weight", "blocks.0.attn.qkv.bias",
+                 "blocks.0.attn.proj.weight", "blocks.0.norm2.bias", "blocks.0.mlp.fc1.weight",
+                 "blocks.0.mlp.fc2.bias", "norm.weight"]:
+        assert name in keys
+    pred = tiny_predictor()
+    assert {"predictor_embed.weight", "mask_token", "predictor_pos_embed", "predictor_blocks.1.attn.qkv.weight",
+            "predictor_norm.weight", "predictor_proj.bias"} <= set(pred.state_dict())
+
+
+@pytest.mark.parametrize("name, dim, depth, heads", [("vit_tiny", 192, 12, 3), ("vit_small", 384, 12, 6),
+                                                     ("vit_base", 768, 12, 12), ("vit_giant", 1408, 40, 16)])
+def test_factory_configs(name, dim, depth, heads):
+    cfg = models.VIT_CONFIGS[name]
+    assert (cfg["embed_dim"], cfg["depth"], cfg["num_heads"]) == (dim, depth, heads)
+    if name == "vit_giant":
+        enc = models.vit_giant(img_size=16, patch_size=16)
+        assert enc.blocks[0].mlp.fc1.out_features == int(1408 * 48 / 11)
+
+
+def test_residual_projections_rescaled_by_depth():
+    torch.manual_seed(0)
+    enc = models.VisionTransformer(img_size=32, patch_size=4, embed_dim=192, depth=8, num_heads=3)
+    first, last = enc.blocks[0].mlp.fc2.weight.detach().std(), enc.blocks[7].mlp.fc2.weight.detach().std()
+    assert float(first / last) == pytest.approx(math.sqrt(8), rel=0.05)
+    assert float(enc.blocks[0].attn.qkv.weight.detach().std()) == pytest.approx(0.02, rel=0.05)
+
+
+def reference_forward(enc, pred, x, mc, mt):
+    """The official computation written out naively: explicit softmax attention, the batch repeated
+    once per target block (mask-major, as the official predictor) and per-block masks as a list."""
+    def block(blk, h):
+        B, T, C = h.shape
+        nh = blk.attn.num_heads
+        q, k, v = blk.attn.qkv(blk.norm1(h)).reshape(B, T, 3, nh, C // nh).permute(2, 0, 3, 1, 4)
+        a = (q @ k.transpose(-2, -1) * (C // nh) ** -0.5).softmax(-1)
+        h = h + blk.attn.proj((a @ v).transpose(1, 2).reshape(B, T, C))
+        return h + blk.mlp.fc2(F.gelu(blk.mlp.fc1(blk.norm2(h))))
+
+    def gather(t, idx):  # python loop over images
+        return torch.stack([t[b, idx[b]] for b in range(len(idx))])
+
+    h = gather(enc.patch_embed.proj(x).flatten(2).transpose(1, 2) + enc.pos_embed, mc)
+    for blk in enc.blocks:
+        h = block(blk, h)
+    z = enc.norm(h)
+    B, Kc = mc.shape
+    pos = pred.predictor_pos_embed.repeat(B, 1, 1)
+    ctx = pred.predictor_embed(z) + gather(pos, mc)
+    seqs = torch.cat([torch.cat([ctx, pred.mask_token + gather(pos, mt[:, m])], dim=1) for m in range(mt.shape[1])])
+    for blk in pred.predictor_blocks:
+        seqs = block(blk, seqs)
+    out = pred.predictor_proj(pred.predictor_norm(seqs)[:, Kc:])  # (M*B, Kt, D), mask-major
+    return out.reshape(mt.shape[1], B, mt.shape[2], -1).transpose(0, 1)
+
+
+def test_model_matches_naive_reference():
+    torch.manual_seed(0)
+    enc, pred = tiny_encoder(depth=3), tiny_predictor(depth=3)
+    x = torch.randn(3, 3, 32, 32)
+    mc, mt = sample_masks(3, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, ref = pred(enc(x, mc), mc, mt), reference_forward(enc, pred, x, mc, mt)
+    assert (ours - ref).abs().max() < 1e-4
+
+
+def test_prefixed_state_dict_loads_and_gives_same_outputs():
+    enc, other = tiny_encoder(), tiny_encoder()
+    prefixed = {"module." + k: v for k, v in enc.state_dict().items()}
+    other.load_state_dict({k.removeprefix("module."): v for k, v in prefixed.items()})
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(enc(x), other(x))
+
+
+# ----------------------------------------------------------------------------------------------- masks
+
+def test_apply_masks_matches_python_loop():
+    x = torch.randn(3, 10, 4)
+    idx2 = torch.randint(0, 10, (3, 5))
+    idx3 = torch.randint(0, 10, (3, 2, 5))
+    assert torch.equal(apply_masks(x, idx2), torch.stack([x[b, idx2[b]] for b in range(3)]))
+    loop = torch.stack([torch.stack([x[b, idx3[b, m]] for m in range(2)]) for b in range(3)])
+    assert torch.equal(apply_masks(x, idx3), loop)
+
+
+def many_masks(n_batches=30, batch=16, grid=(14, 14), **kw):
+    g = torch.Generator().manual_seed(0)
+    return [sample_masks(batch, grid, generator=g, **kw) for _ in range(n_batches)]
+
+
+def test_targets_are_full_rectangles_in_range():
+    for mc, mt in many_masks(grid=(10, 14)):
+        assert mc.min() >= 0 and mc.max() < 140 and mt.min() >= 0 and mt.max() < 140
+        rows, cols = mt // 14, mt % 14
+        h = int(rows[0, 0].max() - rows[0, 0].min() + 1)
+        w = int(cols[0, 0].max() - cols[0, 0].min() + 1)
+        assert mt.shape[2] == h * w  # a full h x w rectangle, same size for the whole batch
+        assert torch.equal(rows.amax(-1) - rows.amin(-1) + 1, torch.full(rows.shape[:2], h))
+        assert torch.equal(cols.amax(-1) - cols.amin(-1) + 1, torch.full(cols.shape[:2], w))
+
+
+def test_target_size_within_scale_and_aspect():
+    for mc, mt in many_masks():
+        rows, cols = mt[0, 0] // 14, mt[0, 0] % 14
+        h, w = int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
+        assert 0.15 * 196 - 4 <= h * w <= 0.2 * 196 + 4  # rounding h and w to integers
+        assert 0.75 - 0.3 <= h / w <= 1.5 + 0.3
+
+
+def test_context_disjoint_from_targets_and_sorted_unique():
+    for mc, mt in many_masks():
+        for b in range(len(mc)):
+            assert not set(mc[b].tolist()) & set(mt[b].flatten().tolist())
+            assert torch.equal(mc[b], torch.unique(mc[b]))  # sorted, no repeats
+
+
+def test_overlap_allowed_when_asked():
+    overlaps = [bool(set(mc[b].tolist()) & set(mt[b].flatten().tolist()))
+                for mc, mt in many_masks(allow_overlap=True) for b in range(len(mc))]
+    assert all(overlaps)
+
+
+def test_context_lengths_equal_and_at_least_min_keep():
+    for mc, mt in many_masks(min_keep=20):
+        assert mc.dim() == 2 and mc.shape[1] >= 20
+
+
+def test_last_row_and_column_reachable():
+    covered = torch.zeros(196, dtype=torch.bool)
+    for mc, mt in many_masks(n_batches=10):
+        covered[mt.flatten()] = True
+    grid = covered.reshape(14, 14)
+    assert grid[13].any() and grid[:, 13].any() and grid[13, 13]
+
+
+def test_context_has_no_top_bias():
+    # The official truncation keeps the first Kc sorted indices, so its context sits high in the
+    # image. Ours keeps a uniform subset: the mean row of kept context patches stays near the middle.
+    rows = torch.cat([(mc // 14).float().flatten() for mc, _ in many_masks(n_batches=40)])
+    assert abs(rows.mean().item() - 6.5) < 0.5
+
+
+def test_deterministic_under_seeded_generator():
+    a = sample_masks(8, 14, generator=torch.Generator().manual_seed(3))
+    b = sample_masks(8, 14, generator=torch.Generator().manual_seed(3))
+    c = sample_masks(8, 14, generator=torch.Generator().manual_seed(4))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, c))
+
+
+def test_terminates_on_tiny_grid():
+    # 32 px with patch 4 (8x8 grid) and min_keep 10: the official sampler loops forever here
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        mc, mt = sample_masks(16, 8, min_keep=10, generator=g)
+        assert mc.shape[1] >= 10
+    with pytest.raises(ValueError, match="min_keep"):
+        # 8-patch targets on a 4x4 grid can never leave 10 context patches: retried, then refused
+        sample_masks(4, 4, target_scale=(0.5, 0.5), min_keep=10)
+    with pytest.raises(ValueError, match="min_keep"):
+        sample_masks(4, 8, min_keep=65)
+
+
+@pytest.mark.parametrize("kw", [dict(target_scale=(0.0, 0.2)), dict(context_scale=(0.5, 1.5)),
+                                dict(target_aspect=(2.0, 1.0)), dict(num_targets=0)])
+def test_bad_mask_settings_raise(kw):
+    with pytest.raises(ValueError):
+        sample_masks(2, 8, **kw)
+
+
+# ------------------------------------------------------------------------------------------------- ema
+
+def test_ema_update_arithmetic_and_frozen_target():
+    online = tiny_encoder()
+    target = make_target(online)
+    assert not any(p.requires_grad for p in target.parameters())
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with torch.no_grad():
+        for p in online.parameters():
+            p.add_(torch.randn_like(p))
+    ema_update(target, online, 0.9)
+    online_sd = online.state_dict()
+    for k, v in target.state_dict().items():
+        expected = 0.9 * before[k] + 0.1 * online_sd[k] if k != "pos_embed" else online_sd[k]
+        torch.testing.assert_close(v, expected)
+
+
+def test_momentum_ramp_values():
+    assert momentum_at(0, 100) == pytest.approx(0.996)
+    assert momentum_at(50, 100) == pytest.approx(0.998)
+    assert momentum_at(100, 100) == pytest.approx(1.0)
+    assert momentum_at(200, 100) == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------------------------- losses
+
+@pytest.mark.parametrize("kind", ["smooth_l1", "l2", "cosine"])
+def test_loss_zero_on_equal_and_no_gradient_to_target(kind):
+    pred = torch.randn(2, 4, 5, 8, requires_grad=True)
+    target = pred.detach().clone().requires_grad_(True)
+    assert jepa_loss(pred, target.detach(), kind).item() == pytest.approx(0.0, abs=1e-6)
+    jepa_loss(pred, torch.randn(2, 4, 5, 8) + target, kind).backward()
+    assert target.grad is None and pred.grad is not None and pred.grad.abs().sum() > 0
+
+
+def test_unknown_loss_kind_raises():
+    with pytest.raises(ValueError, match="unknown loss"):
+        jepa_loss(torch.zeros(2), torch.zeros(2), "l3")
+
+
+def test_vicreg_terms_rise_on_collapsed_and_redundant_batches():
+    torch.manual_seed(0)
+    healthy = torch.randn(256, 16)
+    var_h, cov_h = vicreg_loss(healthy)
+    var_c, _ = vicreg_loss(torch.ones(256, 16) + 1e-3 * torch.randn(256, 16))
+    _, cov_r = vicreg_loss(torch.randn(256, 1).expand(256, 16).contiguous())
+    assert var_c > var_h + 0.5 and cov_r > cov_h + 1.0
+
+
+def test_effective_rank_separates_full_from_rank_one():
+    torch.manual_seed(0)
+    full = collapse_stats(torch.randn(512, 32))
+    rank_one = collapse_stats(torch.randn(512, 1) @ torch.randn(1, 32))
+    assert full["eff_rank"] > 25 and rank_one["eff_rank"] < 1.5
+    assert collapse_stats(torch.ones(64, 8))["std_mean"] == 0.0
