@@ -301,3 +301,223 @@ def test_effective_rank_separates_full_from_rank_one():
     rank_one = collapse_stats(torch.randn(512, 1) @ torch.randn(1, 32))
     assert full["eff_rank"] > 25 and rank_one["eff_rank"] < 1.5
     assert collapse_stats(torch.ones(64, 8))["std_mean"] == 0.0
+
+
+# ----------------------------------------------------------------------------------------------- train
+
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+from PIL import Image
+
+import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = ["--model", "vit_tiny", "--img-size", "32", "--patch-size", "8", "--pred-depth", "1", "--pred-dim", "48",
+        "--min-keep", "4", "--workers", "0", "--dtype", "float32", "--log-every", "1"]
+
+
+def make_folder(root, n_per_class=6, classes=("a", "b"), seed=0):
+    """A tiny ImageFolder of mixed sizes and modes: RGB, grayscale and RGBA, JPEG and PNG."""
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        os.makedirs(os.path.join(root, c), exist_ok=True)
+        for i in range(n_per_class):
+            w, h = int(rng.integers(20, 90)), int(rng.integers(20, 90))
+            img = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+            if i % 3 == 1:
+                img.convert("L").save(os.path.join(root, c, f"{i}.jpg"))
+            elif i % 3 == 2:
+                img.convert("RGBA").save(os.path.join(root, c, f"{i}.png"))
+            else:
+                img.save(os.path.join(root, c, f"{i}.jpg"))
+    return root
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_train_runs_on_image_folder(tmp_path):
+    data = make_folder(str(tmp_path / "data"))
+    summary = train.main(["--data", data, "--steps", "3", "--batch-size", "4", "--out", str(tmp_path / "o"), *TINY])
+    assert summary["steps"] == 3 and math.isfinite(summary["loss"])
+    ckpt = load(tmp_path / "o" / "latest.pt")
+    assert ckpt["step"] == 3 and set(ckpt["encoder"]) == set(ckpt["target_encoder"])
+    assert len(open(tmp_path / "o" / "log.csv").read().splitlines()) == 4  # header + 3 rows
+
+
+def test_train_runs_on_demo_data_with_knn(tmp_path, capsys):
+    summary = train.main(["--data", "demo", "--steps", "2", "--batch-size", "8", "--out", str(tmp_path), *TINY])
+    assert 0 <= summary["knn_top1"] <= 100 and 0 <= summary["knn_top1_random"] <= 100
+    assert "summary: steps=2" in capsys.readouterr().out
+
+
+def test_demo_data_is_deterministic_and_sized():
+    a, b = train.DemoTextures(20, 24, seed=0), train.DemoTextures(20, 24, seed=0)
+    assert a[7][0].shape == (3, 24, 24) and a[7][1] == 7
+    assert torch.equal(a[7][0], b[7][0]) and not torch.equal(a[7][0], a[17][0])
+
+
+def test_no_gradient_reaches_target(tmp_path):
+    # with momentum fixed at 1 the target may only change through gradients, and it must not
+    data = make_folder(str(tmp_path / "data"))
+    train.main(["--data", data, "--steps", "2", "--batch-size", "4", "--ema", "1", "1", "--out", str(tmp_path / "o"), *TINY])
+    ckpt = load(tmp_path / "o" / "latest.pt")
+    torch.manual_seed(0)
+    init = models.VisionTransformer(**ckpt["config"]["encoder"]).state_dict()
+    assert all(torch.equal(init[k], v) for k, v in ckpt["target_encoder"].items())
+    assert not all(torch.equal(init[k], v) for k, v in ckpt["encoder"].items())
+
+
+def test_schedules_at_known_steps():
+    args = SimpleNamespace(lr=1e-3, start_lr=2e-4, final_lr=1e-6, wd=0.04, final_wd=0.4)
+    assert train.lr_at(0, 100, 10, args) == pytest.approx(2e-4)
+    assert train.lr_at(5, 100, 10, args) == pytest.approx(6e-4)
+    assert train.lr_at(10, 100, 10, args) == pytest.approx(1e-3)
+    assert train.lr_at(55, 100, 10, args) == pytest.approx((1e-3 + 1e-6) / 2)
+    assert train.lr_at(100, 100, 10, args) == pytest.approx(1e-6)
+    assert train.wd_at(0, 100, args) == pytest.approx(0.04) and train.wd_at(100, 100, args) == pytest.approx(0.4)
+    assert train.wd_at(50, 100, args) == pytest.approx(0.22)
+
+
+def test_step_batches_split_global_batch_across_ranks():
+    one = list(train.StepBatches(40, 8, 0, 1, seed=1, start=0, total=7))
+    two = [list(train.StepBatches(40, 4, r, 2, seed=1, start=0, total=7)) for r in range(2)]
+    assert all(one[s] == two[0][s] + two[1][s] for s in range(7))
+    assert list(train.StepBatches(40, 8, 0, 1, seed=1, start=3, total=7)) == one[3:]  # resume skips, no replay
+    assert one[5][0][1] == 1  # 5 batches per epoch: step 5 is in epoch 1
+
+
+def test_ddp_two_processes_match_one_process(tmp_path):
+    data = make_folder(str(tmp_path / "data"), n_per_class=8)
+    common = ["--data", data, "--steps", "3", "--seed", "3", *TINY]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    os.path.join(HERE, "train.py"), *common, "--batch-size", "4", "--device", "cpu",
+                    "--out", str(tmp_path / "ddp")], check=True, env=env, cwd=HERE, capture_output=True)
+    train.main([*common, "--batch-size", "8", "--out", str(tmp_path / "one")])
+    ddp, one = load(tmp_path / "ddp" / "latest.pt"), load(tmp_path / "one" / "latest.pt")
+    for part in ("encoder", "predictor", "target_encoder"):
+        for k, v in one[part].items():
+            torch.testing.assert_close(ddp[part][k], v, atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------- checkpoints, resume, errors
+
+def run_train(*args, **kw):
+    return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args], cwd=HERE, capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
+
+
+def test_kill_and_resume_gives_same_weights(tmp_path):
+    data = make_folder(str(tmp_path / "data"), n_per_class=10)
+    common = ["--data", data, "--steps", "12", "--batch-size", "4", "--save-every", "2", *TINY, "--workers", "2"]
+    assert run_train(*common, "--out", str(tmp_path / "full")).returncode == 0
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *common, "--out", str(out)], cwd=HERE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (out / "latest.pt").exists() and proc.poll() is None:
+        pass
+    proc.kill()  # SIGKILL, at whatever point it has reached
+    proc.wait()
+    resumed = run_train(*common, "--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    full, again = load(tmp_path / "full" / "latest.pt"), load(out / "latest.pt")
+    assert again["step"] == 12
+    for part in ("encoder", "predictor", "target_encoder"):
+        assert max((full[part][k] - again[part][k]).abs().max().item() for k in full[part]) <= 1e-6
+
+
+def test_checkpoint_holds_everything_and_loads_weights_only(tmp_path):
+    data = make_folder(str(tmp_path / "data"))
+    train.main(["--data", data, "--steps", "2", "--batch-size", "4", "--out", str(tmp_path), *TINY])
+    ckpt = load(tmp_path / "latest.pt")  # weights_only=True
+    assert {"encoder", "predictor", "target_encoder", "optimizer", "scaler", "step", "epoch", "config", "args",
+            "rng"} <= set(ckpt)
+    assert not (tmp_path / "latest.pt.tmp").exists()
+
+
+class Malicious:
+    def __reduce__(self):
+        return (open, ("/tmp/pwned-by-checkpoint", "w"))
+
+
+def test_pickled_object_in_checkpoint_is_refused_without_running(tmp_path):
+    import eval_knn
+    path = tmp_path / "evil.pt"
+    torch.save({"encoder": {}, "payload": Malicious()}, path)
+    if os.path.exists("/tmp/pwned-by-checkpoint"):
+        os.remove("/tmp/pwned-by-checkpoint")
+    with pytest.raises(SystemExit, match="refusing to load"):
+        eval_knn.load_checkpoint(str(path))
+    assert not os.path.exists("/tmp/pwned-by-checkpoint")
+
+
+def test_resume_errors(tmp_path):
+    data = make_folder(str(tmp_path / "data"))
+    r = run_train("--data", data, "--steps", "1", "--batch-size", "4", "--out", str(tmp_path / "none"), "--resume", *TINY)
+    assert r.returncode != 0 and "no checkpoint" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    train.main(["--data", data, "--steps", "1", "--batch-size", "4", "--out", str(tmp_path / "o"), *TINY])
+    with pytest.raises(SystemExit, match="another architecture"):
+        train.main(["--data", data, "--steps", "2", "--batch-size", "4", "--out", str(tmp_path / "o"), "--resume",
+                    *TINY, "--pred-dim", "24"])
+
+
+def test_broken_files_are_skipped_and_all_modes_load(tmp_path, capsys):
+    data = make_folder(str(tmp_path / "data"))
+    rng = np.random.default_rng(1)
+    img = Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8))
+    img.convert("CMYK").save(tmp_path / "data" / "a" / "cmyk.jpg")
+    img.convert("P").save(tmp_path / "data" / "a" / "palette.png")
+    img.resize((1, 1)).save(tmp_path / "data" / "b" / "tiny.png")
+    img.save(tmp_path / "data" / "b" / "full.jpg")
+    raw = open(tmp_path / "data" / "b" / "full.jpg", "rb").read()
+    open(tmp_path / "data" / "b" / "truncated.jpg", "wb").write(raw[: len(raw) // 3])
+    open(tmp_path / "data" / "b" / "empty.jpg", "wb").close()
+    open(tmp_path / "data" / "b" / "notes.txt", "w").write("not an image")
+    train.main(["--data", data, "--steps", "6", "--batch-size", "8", "--out", str(tmp_path / "o"), *TINY])
+    err = capsys.readouterr().err
+    for name in ("truncated.jpg", "empty.jpg", "notes.txt"):
+        assert sum(name in line and "skipping" in line for line in err.splitlines()) == 1
+    for name in ("cmyk.jpg", "palette.png", "tiny.png"):
+        assert name not in err
+
+
+def test_nothing_readable_is_a_clear_error(tmp_path):
+    os.makedirs(tmp_path / "data" / "a")
+    open(tmp_path / "data" / "a" / "x.jpg", "wb").write(b"garbage")
+    r = run_train("--data", str(tmp_path / "data"), "--steps", "1", "--out", str(tmp_path / "o"), *TINY)
+    assert r.returncode != 0 and "no readable image" in r.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--data", "/nonexistent/folder"], "/nonexistent/folder"),
+    (["--img-size", "30", "--patch-size", "8"], "not divisible"),
+    (["--target-scale", "0.5", "1.5"], "target_scale"),
+    (["--min-keep", "100"], "min_keep"),
+    (["--model", "vit_enormous"], "unknown --model"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, flags, message):
+    args = [*TINY, "--data", "demo", "--steps", "1", "--out", str(tmp_path), *flags]
+    r = run_train(*args)
+    assert r.returncode != 0 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_empty_data_folder_is_a_clear_error(tmp_path):
+    os.makedirs(tmp_path / "empty" / "a")
+    r = run_train("--data", str(tmp_path / "empty"), "--steps", "1", "--out", str(tmp_path / "o"), *TINY)
+    assert r.returncode != 0 and "no images found" in r.stderr and str(tmp_path / "empty") in r.stderr
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    data = make_folder(str(tmp_path / "data"))
+    r = run_train("--data", data, "--steps", "10", "--batch-size", "4", "--save-every", "1", "--warmup", "0",
+                  "--lr", "1e30", "--start-lr", "1e30", "--out", str(tmp_path / "o"), *TINY)
+    assert r.returncode != 0 and "at step" in r.stderr, r.stderr
+    ckpt = load(tmp_path / "o" / "latest.pt")
+    assert all(torch.isfinite(v).all() for part in ("encoder", "predictor", "target_encoder")
+               for v in ckpt[part].values() if v.is_floating_point())

@@ -1,0 +1,449 @@
+"""I-JEPA pre-training: one loop for one CPU, one GPU, or many GPUs and nodes through torchrun.
+
+    python train.py                                    # demo: built-in data, trains and evaluates in minutes on a CPU
+    python train.py --data ./imagenet                  # the official ImageNet recipe (README lists what differs)
+    torchrun --nproc_per_node=8 train.py --data ./imagenet
+
+The step, in the order of the paper (Sec. 3): the target encoder embeds the whole image without
+gradients; its features are layer-normalised and gathered at the target blocks; the context
+encoder embeds the context patches only; the predictor predicts the target features from them; the
+loss is backpropagated into the context encoder and predictor; the target encoder follows by EMA.
+"""
+import argparse
+import csv
+import math
+import os
+import random
+import resource
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+
+import models
+from ema import ema_update, make_target, momentum_at
+from eval_knn import CenterCrop, ImageFolder, knn_evaluate, load_checkpoint, load_encoder, to_tensor
+from losses import collapse_stats, jepa_loss, vicreg_loss
+from masks import apply_masks, sample_masks
+
+# Defaults for real data: the official ImageNet recipe (configs/in1k_vith14_ep300.yaml), except the
+# model (ViT-B/16 fits one GPU; the paper's ViT-H/14 needs many). Flags left unset take these values.
+IMAGENET = dict(model="vit_base", img_size=224, patch_size=16, batch_size=128, epochs=300, lr=1e-3, start_lr=2e-4,
+                final_lr=1e-6, warmup=40, wd=0.04, final_wd=0.4, ema=[0.996, 1.0], pred_depth=12, pred_dim=384)
+# The demo: built-in images, small enough to train and evaluate on a 2-core CPU in a few minutes.
+DEMO = dict(model="vit_tiny", img_size=32, patch_size=4, batch_size=64, epochs=8, lr=1e-3, start_lr=2e-4,
+            final_lr=1e-6, warmup=1, wd=0.04, final_wd=0.4, ema=[0.996, 1.0], pred_depth=4, pred_dim=96)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="I-JEPA pre-training", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # data
+    p.add_argument("--data", default="demo", help="'demo' (built in) or an ImageFolder ROOT; ROOT/train is used if present")
+    p.add_argument("--val-data", default=None, help="kNN queries (default ROOT/val if present); the bank is the train set")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader processes; decoding JPEGs needs several per GPU")
+    # model
+    p.add_argument("--model", default=None, help="encoder (official sizes); default vit_base, demo vit_tiny")
+    p.add_argument("--depth", type=int, default=None, help="encoder depth, overriding the model's (demo: 6 for speed)")
+    p.add_argument("--img-size", type=int, default=None, help="crop size in pixels; default 224, demo 32")
+    p.add_argument("--patch-size", type=int, default=None, help="patch side; default 16, demo 4 (an 8x8 grid at 32 px)")
+    p.add_argument("--pred-depth", type=int, default=None, help="predictor depth; 12 as official (narrow and deep, Sec. 5)")
+    p.add_argument("--pred-dim", type=int, default=None, help="predictor width; 384 as official")
+    # optimisation
+    p.add_argument("--batch-size", type=int, default=None, help="images per process per step; default 128 (official per GPU)")
+    p.add_argument("--epochs", type=int, default=None, help="passes over the data; official 300")
+    p.add_argument("--steps", type=int, default=None, help="total optimizer steps; overrides --epochs")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate; official 1e-3")
+    p.add_argument("--start-lr", type=float, default=None, help="learning rate at step 0; official 2e-4")
+    p.add_argument("--final-lr", type=float, default=None, help="learning rate at the end of the cosine; official 1e-6")
+    p.add_argument("--warmup", type=float, default=None, help="linear warm-up, in epochs; official 40 of 300")
+    p.add_argument("--wd", type=float, default=None, help="weight decay at the start; official 0.04")
+    p.add_argument("--final-wd", type=float, default=None, help="weight decay at the end (cosine ramp); official 0.4")
+    p.add_argument("--ema", type=float, nargs=2, default=None, metavar=("START", "END"),
+                   help="target momentum, linear ramp; official 0.996 1.0. Lower values let the target chase the student")
+    # masks
+    p.add_argument("--num-targets", type=int, default=4, help="target blocks per image; 4 as the paper")
+    p.add_argument("--target-scale", type=float, nargs=2, default=[0.15, 0.2], metavar=("LO", "HI"),
+                   help="target block area; 0.15-0.2 as the paper: large enough to be semantic")
+    p.add_argument("--target-aspect", type=float, nargs=2, default=[0.75, 1.5], metavar=("LO", "HI"), help="target aspect h/w")
+    p.add_argument("--context-scale", type=float, nargs=2, default=[0.85, 1.0], metavar=("LO", "HI"),
+                   help="context block area before the targets are removed; 0.85-1.0 as the paper: an informative context")
+    p.add_argument("--min-keep", type=int, default=10, help="fewest context patches per image; 10 as official")
+    # loss and the collapse study
+    p.add_argument("--loss", default="smooth_l1", choices=["smooth_l1", "l2", "cosine"], help="smooth_l1 as the official code")
+    p.add_argument("--target-norm", default="layernorm", choices=["layernorm", "none"],
+                   help="layer-normalise target features (official); keeps their scale fixed")
+    p.add_argument("--vicreg", type=float, default=0.0, help="weight of VICReg variance+covariance on pooled context features (C-JEPA); 0 = off")
+    p.add_argument("--target", default="ema", choices=["ema", "shared", "frozen"],
+                   help="ema: EMA copy with stop-gradient (I-JEPA); shared: one encoder, gradients through both branches; frozen: never updated")
+    p.add_argument("--teacher", default=None, help="with --target frozen: checkpoint whose target encoder is the teacher")
+    p.add_argument("--stop-on-collapse", action="store_true", help="end the run when the collapse monitor fires")
+    # system
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="autocast precision; bfloat16 on CUDA (as official) and on CPUs with AMX, where it measured faster")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--compile", action="store_true", help="torch.compile encoder and predictor (dynamic shapes: context lengths vary)")
+    p.add_argument("--seed", type=int, default=0, help="seeds weights, data order, crops and masks")
+    p.add_argument("--out", default="runs/demo", help="directory for latest.pt and log.csv")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/latest.pt")
+    p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints")
+    p.add_argument("--log-every", type=int, default=20, help="steps between log lines")
+    p.add_argument("--knn-every", type=int, default=0, help="steps between kNN evaluations (0: only at the end)")
+    args = p.parse_args(argv)
+    preset = DEMO if args.data == "demo" else IMAGENET
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.model not in models.VIT_CONFIGS:
+        raise SystemExit(f"error: unknown --model {args.model}: choose from {', '.join(models.VIT_CONFIGS)}")
+    if args.img_size % args.patch_size:
+        raise SystemExit(f"error: --img-size {args.img_size} is not divisible by --patch-size {args.patch_size}")
+    if args.target == "frozen" and args.teacher is None and args.resume is False:
+        print("note: --target frozen without --teacher: the target is the random-init encoder")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+class DemoTextures(torch.utils.data.Dataset):
+    """The built-in demo data: 10 texture classes (stripes at four angles and two periods, checker,
+    dots, rings, cross-hatch) drawn procedurally at any size, deterministic in (seed, index). Colours,
+    phase, period, a small tilt and pixel noise are random, so neither raw pixels nor a random-init
+    encoder (whose pooled features mostly reflect colour) sort them well; the class is the spatial
+    pattern, exactly what predicting a masked block's features from its context has to capture."""
+
+    def __init__(self, size, img_size, seed):
+        self.size, self.img_size, self.seed = size, img_size, seed
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, item):
+        index = item[0] if isinstance(item, tuple) else item
+        rng, label, S = np.random.default_rng([self.seed, index]), index % 10, self.img_size
+        yy, xx = np.meshgrid(np.arange(S) + 0.5, np.arange(S) + 0.5, indexing="ij")
+        period, phase = rng.uniform(5, 8) * S / 32, rng.uniform(0, 2 * np.pi, size=2)
+
+        def wave(angle, p=period):  # a plane wave at angle (degrees, +-8 jitter) and period p pixels
+            a = np.deg2rad(angle + rng.uniform(-8, 8))
+            return np.sin(2 * np.pi * (xx * np.cos(a) + yy * np.sin(a)) / p + phase[0])
+
+        rings = np.hypot(xx - rng.uniform(0, S), yy - rng.uniform(0, S))
+        pattern = [wave(0) > 0, wave(90) > 0, wave(45) > 0, wave(135) > 0, (wave(0) > 0) ^ (wave(90) > 0),
+                   np.sin(2 * np.pi * xx / period + phase[0]) * np.sin(2 * np.pi * yy / period + phase[1]) > 0.5,
+                   np.sin(2 * np.pi * rings / period) > 0, wave(0, 2.2 * period) > 0, wave(90, 2.2 * period) > 0,
+                   (wave(45) > 0.3) | (wave(135) > 0.3)][label]
+        fg, bg = rng.uniform(0, 1, size=(2, 3))
+        bg = np.where(abs(fg - bg).mean() < 0.3, 1 - fg, bg)  # keep the pattern visible
+        img = np.where(pattern[..., None], fg, bg) + rng.normal(0, 0.05, size=(S, S, 3))
+        x = torch.from_numpy(np.clip(img, 0, 1)).permute(2, 0, 1).float()
+        return (x - 0.5) / 0.25, label
+
+
+class RandomResizedCrop:
+    """Crop of random area (scale) and aspect ratio 3/4-4/3, resized to size (official transforms,
+    no flip), as a pure function of (seed, epoch, index): a resumed run sees the very same crops."""
+
+    def __init__(self, size, seed, scale=(0.3, 1.0)):
+        self.size, self.seed, self.scale = size, seed, scale
+
+    def __call__(self, img, key):
+        rng, (W, H) = np.random.default_rng([self.seed, *key]), img.size
+        for _ in range(10):
+            area = W * H * rng.uniform(*self.scale)
+            ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+            w, h = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+            if 0 < w <= W and 0 < h <= H:
+                left, top = int(rng.integers(0, W - w + 1)), int(rng.integers(0, H - h + 1))
+                break
+        else:  # fall back to the central square, as torchvision
+            w = h = min(W, H)
+            left, top = (W - w) // 2, (H - h) // 2
+        return to_tensor(img.resize((self.size, self.size), Image.BICUBIC, box=(left, top, left + w, top + h)))
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """This rank's share of the global batch of every step from `start` to `total`. Epoch e visits
+    the data in the order of a permutation seeded by (seed, e); global batch j of an epoch is slice j
+    of it, and rank r takes part r of that slice. So the data seen at a step depends on (seed, step)
+    alone: resuming needs no replay, and N processes see exactly what one process with N times the
+    batch would. Items are (index, epoch) pairs for the crop seed."""
+
+    def __init__(self, n, batch_size, rank, world, seed, start, total):
+        self.n, self.b, self.rank, self.world, self.seed, self.start, self.total = n, batch_size, rank, world, seed, start, total
+        self.per_epoch = n // (batch_size * world)
+        if self.per_epoch == 0:
+            raise SystemExit(f"error: {n} images cannot fill one global batch of {batch_size * world}: lower --batch-size")
+
+    def __len__(self):
+        return self.total - self.start
+
+    def __iter__(self):
+        for step in range(self.start, self.total):
+            epoch, j = divmod(step, self.per_epoch)
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+            lo = (j * self.world + self.rank) * self.b
+            yield [(i, epoch) for i in perm[lo:lo + self.b].tolist()]
+
+
+def make_datasets(args):
+    """(train set, kNN bank, kNN queries); the last two are None when there is no validation data."""
+    if args.data == "demo":
+        train = DemoTextures(10_000, args.img_size, seed=args.seed)
+        return train, DemoTextures(2_000, args.img_size, seed=args.seed), DemoTextures(1_000, args.img_size, seed=10_000 + args.seed)
+    if not os.path.isdir(args.data):
+        raise SystemExit(f"error: --data {args.data} is not a folder")
+    root = os.path.join(args.data, "train") if os.path.isdir(os.path.join(args.data, "train")) else args.data
+    train = ImageFolder(root, RandomResizedCrop(args.img_size, args.seed))
+    train.load(0)  # fails now, in one line, if no file in the folder decodes
+    val_root = args.val_data or os.path.join(args.data, "val")
+    if not os.path.isdir(val_root):
+        return train, None, None
+    return train, ImageFolder(root, CenterCrop(args.img_size)), ImageFolder(val_root, CenterCrop(args.img_size))
+
+
+# --------------------------------------------------------------------------------------- schedules
+
+def lr_at(step, total, warmup, args):
+    """Linear warm-up from start_lr to lr, then cosine to final_lr (official WarmupCosineSchedule)."""
+    if step < warmup:
+        return args.start_lr + (args.lr - args.start_lr) * step / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return args.final_lr + (args.lr - args.final_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def wd_at(step, total, args):
+    """Cosine ramp of weight decay from wd to final_wd (official CosineWDSchedule)."""
+    return args.final_wd + (args.wd - args.final_wd) * 0.5 * (1 + math.cos(math.pi * step / max(total, 1)))
+
+
+def mask_generator(seed, step):
+    """Masks are a function of (seed, step): every rank draws the global batch's and keeps its slice."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def peak_mem_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, then rename: a crash mid-save leaves the previous checkpoint whole.
+    Non-finite weights are never written over a good checkpoint."""
+    for part in ("encoder", "predictor", "target_encoder"):
+        if not all(torch.isfinite(v).all() for v in state[part].values() if v.is_floating_point()):
+            raise SystemExit(f"error: non-finite {part} weights at step {state['step']}; {path} keeps the last good state")
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    # ---- device, precision, distributed: torchrun sets RANK; a plain run never touches torch.distributed
+    ddp = "RANK" in os.environ
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world = 0, 1
+    if ddp:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    dtype = getattr(torch, args.dtype or "bfloat16")
+    # bf16 has float32's exponent range, so gradients cannot underflow and need no GradScaler (the
+    # official code uses one anyway); float16 does need one.
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    torch.manual_seed(args.seed)
+
+    # ---- data
+    train_set, bank_set, query_set = make_datasets(args)
+    steps_per_epoch = len(train_set) // (args.batch_size * world)
+    total = args.steps or args.epochs * steps_per_epoch
+    warmup = min(int(args.warmup * steps_per_epoch), total // 2)
+    grid = (args.img_size // args.patch_size,) * 2
+    mask_kw = dict(num_targets=args.num_targets, target_scale=tuple(args.target_scale),
+                   target_aspect=tuple(args.target_aspect), context_scale=tuple(args.context_scale), min_keep=args.min_keep)
+    try:  # bad mask flags fail here, in one line, not at step 1000
+        sample_masks(args.batch_size * world, grid, generator=mask_generator(args.seed, 0), **mask_kw)
+    except ValueError as e:
+        raise SystemExit(f"error: mask flags (--target-scale/--context-scale/--min-keep...): {e}") from None
+
+    # ---- models: context encoder and predictor are trained; the target encoder only follows
+    config = {"encoder": dict(img_size=args.img_size, patch_size=args.patch_size,
+                              **{**models.VIT_CONFIGS[args.model], **({"depth": args.depth} if args.depth else {})}),
+              "predictor": dict(num_patches=grid[0] * grid[1], embed_dim=models.VIT_CONFIGS[args.model]["embed_dim"],
+                                predictor_embed_dim=args.pred_dim, depth=args.pred_depth,
+                                num_heads=models.VIT_CONFIGS[args.model]["num_heads"])}
+    encoder = models.VisionTransformer(**config["encoder"]).to(device)
+    predictor = models.VisionTransformerPredictor(**config["predictor"]).to(device)
+    target_encoder = encoder if args.target == "shared" else make_target(encoder)
+    if args.teacher:
+        target_encoder.load_state_dict(load_encoder(args.teacher).state_dict())
+
+    # AdamW; biases and 1-D parameters (LayerNorm) get no weight decay, as official
+    params = [p for m in (encoder, predictor) for p in m.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim > 1]
+    optimizer = torch.optim.AdamW([{"params": decay}, {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
+                                  lr=args.start_lr, weight_decay=args.wd)
+    if args.target != "shared":  # the two properties that keep I-JEPA from collapsing (see ema.py)
+        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        assert not any(id(p) in in_optimizer for p in target_encoder.parameters()), "target parameter in the optimizer"
+        assert not any(p.requires_grad for p in target_encoder.parameters()), "target parameter requires grad"
+
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path, start = os.path.join(args.out, "latest.pt"), 0
+    if args.resume:
+        if not os.path.isfile(ckpt_path):
+            raise SystemExit(f"error: --resume: no checkpoint at {ckpt_path}")
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt.get("config") != config:
+            raise SystemExit(f"error: --resume: {ckpt_path} was trained with another architecture "
+                             f"({ckpt.get('config')}); pass the same --model/--img-size/--patch-size/--pred-* flags")
+        encoder.load_state_dict(ckpt["encoder"])
+        predictor.load_state_dict(ckpt["predictor"])
+        if args.target != "shared":
+            target_encoder.load_state_dict(ckpt["target_encoder"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        set_rng_states(ckpt["rng"])
+        start = ckpt["step"]
+        log(f"resumed from {ckpt_path} at step {start}")
+
+    raw_encoder, raw_predictor = encoder, predictor  # unwrapped: what EMA reads and checkpoints store
+    if ddp:  # only the trained modules are wrapped; the EMA target never is
+        ids = [device.index] if device.type == "cuda" else None
+        encoder = torch.nn.parallel.DistributedDataParallel(encoder, device_ids=ids)
+        predictor = torch.nn.parallel.DistributedDataParallel(predictor, device_ids=ids)
+    if args.compile:
+        encoder, predictor = torch.compile(encoder, dynamic=True), torch.compile(predictor, dynamic=True)
+
+    loader = torch.utils.data.DataLoader(
+        train_set, batch_sampler=StepBatches(len(train_set), args.batch_size, rank, world, args.seed, start, total),
+        num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=False)
+    n_params = sum(p.numel() for p in params)
+    log(f"I-JEPA: {args.model}/{args.patch_size} at {args.img_size}px ({grid[0]}x{grid[1]} patches), {n_params / 1e6:.1f}M "
+        f"trained params, {len(train_set)} images, {world} process(es) x batch {args.batch_size}, {total} steps, "
+        f"{args.dtype or 'bfloat16'} on {device}, target={args.target}")
+
+    # ---- the loop
+    csv_file = open(os.path.join(args.out, "log.csv"), "a" if args.resume else "w", newline="") if master else None
+    writer = csv.writer(csv_file) if master else None
+    if master and not args.resume:
+        writer.writerow(["step", "epoch", "loss", "lr", "wd", "momentum", "img_per_s", "std_mean", "std_min", "eff_rank", "knn_top1"])
+    reference, loss_value, stats, knn, timed_steps, timed_s = None, float("nan"), {}, None, 0, 0.0
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    t_last, step = time.perf_counter(), start
+    for step, (imgs, _) in enumerate(loader, start=start):
+        lr, wd, m = lr_at(step, total, warmup, args), wd_at(step, total, args), momentum_at(step, total, *args.ema)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.param_groups[0]["weight_decay"] = wd
+        imgs = imgs.to(device, non_blocking=True)
+        masks_ctx, masks_tgt = sample_masks(args.batch_size * world, grid, generator=mask_generator(args.seed, step), **mask_kw)
+        masks_ctx, masks_tgt = [mk[rank * args.batch_size:(rank + 1) * args.batch_size].to(device) for mk in (masks_ctx, masks_tgt)]
+
+        with autocast:
+            # stop-gradient: the target branch builds no graph, so the loss cannot move the target
+            with torch.set_grad_enabled(args.target == "shared"):
+                feats = target_encoder(imgs)  # (B, N, D)
+                h = F.layer_norm(feats, feats.shape[-1:]) if args.target_norm == "layernorm" else feats
+                targets = apply_masks(h, masks_tgt)  # (B, M, Kt, D)
+            z = encoder(imgs, masks_ctx)  # (B, Kc, D)
+            preds = predictor(z, masks_ctx, masks_tgt)  # (B, M, Kt, D)
+            loss = jepa_loss(preds, targets, args.loss, stop_gradient=args.target != "shared")
+            if args.vicreg > 0:
+                variance, covariance = vicreg_loss(z.mean(dim=1))
+                loss = loss + args.vicreg * (variance + covariance)
+        loss_value = loss.item()  # a sync point, but it lets a bad step stop the run before it is saved
+        if not math.isfinite(loss_value):
+            raise SystemExit(f"error: loss is {loss_value} at step {step}; {ckpt_path} still holds the last good state")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if args.target == "ema":
+            ema_update(target_encoder, raw_encoder, m)
+
+        done = step + 1
+        if step - start >= 3:  # steady-state throughput: the first steps pay for warm-up and allocation
+            timed_steps, timed_s = timed_steps + 1, timed_s + time.perf_counter() - t_last
+        t_last = time.perf_counter()
+        if args.knn_every and done % args.knn_every == 0 and bank_set is not None and master:
+            knn = run_knn(raw_target(target_encoder), bank_set, query_set, args, device, dtype)
+        if done % args.log_every == 0 or done == total or step == start:  # the first row is the monitor's reference
+            stats = collapse_stats(feats.detach().mean(dim=1))
+            reference = reference or stats
+            step_s = timed_s / max(timed_steps, 1)
+            img_s = args.batch_size * world / step_s if timed_steps else float("nan")
+            mem = peak_mem_mb(device)
+            log(f"step {done}/{total} ep {step // steps_per_epoch} loss {loss_value:.4f} lr {lr:.2e} wd {wd:.3f} "
+                f"mom {m:.4f} | {img_s:.0f} img/s ETA {(total - done) * step_s / 60:.1f} min mem {mem:.0f}MB | "
+                f"std {stats['std_mean']:.3f} (min {stats['std_min']:.3f}) rank {stats['eff_rank']:.1f}", flush=True)
+            if master:
+                writer.writerow([done, step // steps_per_epoch, loss_value, lr, wd, m, img_s, stats["std_mean"],
+                                 stats["std_min"], stats["eff_rank"], knn[0] if knn else ""])
+                csv_file.flush()
+            if stats["std_mean"] < 0.1 * reference["std_mean"] or stats["eff_rank"] < 0.2 * reference["eff_rank"]:
+                log(f"warning: representation collapse suspected at step {done}: std {stats['std_mean']:.4f} "
+                    f"(start {reference['std_mean']:.4f}), eff_rank {stats['eff_rank']:.2f} (start {reference['eff_rank']:.2f})")
+                if args.stop_on_collapse:
+                    raise SystemExit(f"error: stopped on collapse at step {done} (--stop-on-collapse)")
+        if master and (done % args.save_every == 0 or done == total):
+            save_checkpoint(ckpt_path, {
+                "encoder": raw_encoder.state_dict(), "predictor": raw_predictor.state_dict(),
+                "target_encoder": raw_target(target_encoder).state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "step": done, "epoch": done // steps_per_epoch, "config": config,
+                "args": vars(args), "rng": rng_states()})
+
+    # ---- the end: kNN of the trained target encoder against a random-init encoder of the same shape
+    summary = dict(steps=step + 1 - start, loss=loss_value, img_per_s=args.batch_size * world * timed_steps / max(timed_s, 1e-9),
+                   std_mean=stats.get("std_mean", float("nan")), eff_rank=stats.get("eff_rank", float("nan")),
+                   peak_mem_mb=peak_mem_mb(device))
+    if bank_set is not None and master:
+        torch.manual_seed(args.seed + 1)
+        summary["knn_top1"] = run_knn(raw_target(target_encoder), bank_set, query_set, args, device, dtype)[0]
+        summary["knn_top1_random"] = run_knn(models.VisionTransformer(**config["encoder"]).to(device),
+                                             bank_set, query_set, args, device, dtype)[0]
+        log(f"kNN top-1 on held-out images: trained target encoder {summary['knn_top1']:.1f}%, "
+            f"random init {summary['knn_top1_random']:.1f}%")
+    log("summary: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    if ddp:
+        dist.destroy_process_group()
+    return summary
+
+
+def rng_states():
+    """Every RNG state, as tensors and plain values (weights_only loading accepts nothing else). The
+    pipeline seeds its own generators from (seed, step), so these matter only to user additions."""
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]], "python": random.getstate()}
+
+
+def set_rng_states(states):
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    keys, *rest = states["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), *rest))
+    random.setstate(states["python"])
+
+
+def raw_target(target):
+    return getattr(target, "_orig_mod", target)
+
+
+def run_knn(encoder, bank_set, query_set, args, device, dtype):
+    loaders = [torch.utils.data.DataLoader(s, batch_size=256, num_workers=args.workers) for s in (bank_set, query_set)]
+    return knn_evaluate(encoder, *loaders, device, dtype)
+
+
+if __name__ == "__main__":
+    main()
