@@ -521,3 +521,74 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     ckpt = load(tmp_path / "o" / "latest.pt")
     assert all(torch.isfinite(v).all() for part in ("encoder", "predictor", "target_encoder")
                for v in ckpt[part].values() if v.is_floating_point())
+
+
+# -------------------------------------------------------------------------------------------- eval_knn
+
+import eval_knn
+
+
+def test_knn_separable_toy_set_is_perfect():
+    torch.manual_seed(0)
+    centres = F.normalize(torch.randn(5, 16), dim=1)
+    labels = torch.arange(200) % 5
+    bank = F.normalize(centres[labels] + 0.05 * torch.randn(200, 16), dim=1)
+    queries = F.normalize(centres[labels[:50]] + 0.05 * torch.randn(50, 16), dim=1)
+    assert eval_knn.knn_classify(bank, labels, queries, labels[:50], chunk=7) == (100.0, 100.0)
+
+
+def test_knn_query_set_smaller_than_chunk_matches_loop():
+    torch.manual_seed(1)
+    bank, bank_labels = F.normalize(torch.randn(60, 8), dim=1), torch.randint(0, 3, (60,))
+    queries, labels = F.normalize(torch.randn(3, 8), dim=1), torch.randint(0, 3, (3,))
+    correct = 0
+    for q, y in zip(queries, labels):  # the naive weighted vote, one query at a time
+        sim = bank @ q
+        top = sim.topk(20)
+        votes = torch.zeros(3).index_add_(0, bank_labels[top.indices], (top.values / 0.07).exp())
+        correct += int(votes.argmax() == y)
+    top1, top5 = eval_knn.knn_classify(bank, bank_labels, queries, labels, chunk=1024)
+    assert top1 == pytest.approx(100 * correct / 3) and top5 == 100.0  # 3 classes: top-5 holds all
+
+
+def test_center_crop_transform():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 50, 3), dtype=np.uint8))
+    assert eval_knn.CenterCrop(16)(img).shape == (3, 16, 16)
+    same = Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    torch.testing.assert_close(eval_knn.CenterCrop(16)(same), eval_knn.to_tensor(same))
+
+
+def knn_folder(root):
+    """train/ and val/ with two classes that differ in brightness."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("val", 3)):
+        for c, level in (("dark", 40), ("light", 210)):
+            os.makedirs(os.path.join(root, split, c))
+            for i in range(n):
+                px = np.clip(level + rng.normal(0, 10, (24, 24, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(px).save(os.path.join(root, split, c, f"{i}.png"))
+    return root
+
+
+def test_official_format_checkpoint_gives_same_accuracy(tmp_path, capsys):
+    data = knn_folder(str(tmp_path / "data"))
+    train.main(["--data", os.path.join(data, "train"), "--steps", "1", "--batch-size", "4", "--out", str(tmp_path / "o"),
+                *TINY])
+    ours = load(tmp_path / "o" / "latest.pt")
+    official = {part: {"module." + k: v for k, v in ours[part].items()} for part in ("encoder", "predictor", "target_encoder")}
+    torch.save({**official, "epoch": 1}, tmp_path / "official.pth.tar")
+    results = []
+    for ckpt in (tmp_path / "o" / "latest.pt", tmp_path / "official.pth.tar"):
+        eval_knn.main(["--ckpt", str(ckpt), "--data", data, "--workers", "0", "--k", "3"])
+        results.append(capsys.readouterr().out.splitlines()[-1])
+    assert results[0] == results[1] and results[0].startswith("summary: knn_top1=")
+    enc = eval_knn.load_encoder(str(tmp_path / "official.pth.tar"))
+    assert (enc.embed_dim, len(enc.blocks), enc.patch_size, enc.grid) == (192, 12, 8, (4, 4))
+
+
+def test_random_init_evaluation_runs(tmp_path, capsys):
+    data = knn_folder(str(tmp_path / "data"))
+    eval_knn.main(["--random-init", "--model", "vit_tiny", "--patch-size", "8", "--img-size", "16", "--data", data,
+                   "--workers", "0", "--k", "3"])
+    top1 = float(capsys.readouterr().out.splitlines()[-1].split("knn_top1=")[1].split()[0])
+    assert 0.0 <= top1 <= 100.0

@@ -34,9 +34,13 @@ from masks import apply_masks, sample_masks
 # model (ViT-B/16 fits one GPU; the paper's ViT-H/14 needs many). Flags left unset take these values.
 IMAGENET = dict(model="vit_base", img_size=224, patch_size=16, batch_size=128, epochs=300, lr=1e-3, start_lr=2e-4,
                 final_lr=1e-6, warmup=40, wd=0.04, final_wd=0.4, ema=[0.996, 1.0], pred_depth=12, pred_dim=384)
-# The demo: built-in images, small enough to train and evaluate on a 2-core CPU in a few minutes.
-DEMO = dict(model="vit_tiny", img_size=32, patch_size=4, batch_size=64, epochs=8, lr=1e-3, start_lr=2e-4,
-            final_lr=1e-6, warmup=1, wd=0.04, final_wd=0.4, ema=[0.996, 1.0], pred_depth=4, pred_dim=96)
+# The demo: built-in images, trained and evaluated on a 2-core CPU in about 4 minutes. A 6-deep
+# ViT-Tiny doubles the steps per minute; the VICReg term (C-JEPA) is what makes it learn in that
+# budget: without it the same 500 steps left kNN at random-init level (README, stability study).
+DEMO = dict(model="vit_tiny", depth=6, img_size=32, patch_size=4, batch_size=64, steps=500, lr=1e-3, start_lr=2e-4,
+            final_lr=1e-6, warmup=1, wd=0.04, final_wd=0.4, ema=[0.996, 1.0], pred_depth=3, pred_dim=96, vicreg=1.0,
+            workers=0)
+IMAGENET.update(vicreg=0.0, workers=8)
 
 
 def get_args(argv=None):
@@ -44,7 +48,7 @@ def get_args(argv=None):
     # data
     p.add_argument("--data", default="demo", help="'demo' (built in) or an ImageFolder ROOT; ROOT/train is used if present")
     p.add_argument("--val-data", default=None, help="kNN queries (default ROOT/val if present); the bank is the train set")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader processes; decoding JPEGs needs several per GPU")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader processes; default 8 (JPEG decoding needs several per GPU), demo 0 (its images are cheap to draw)")
     # model
     p.add_argument("--model", default=None, help="encoder (official sizes); default vit_base, demo vit_tiny")
     p.add_argument("--depth", type=int, default=None, help="encoder depth, overriding the model's (demo: 6 for speed)")
@@ -76,10 +80,12 @@ def get_args(argv=None):
     p.add_argument("--loss", default="smooth_l1", choices=["smooth_l1", "l2", "cosine"], help="smooth_l1 as the official code")
     p.add_argument("--target-norm", default="layernorm", choices=["layernorm", "none"],
                    help="layer-normalise target features (official); keeps their scale fixed")
-    p.add_argument("--vicreg", type=float, default=0.0, help="weight of VICReg variance+covariance on pooled context features (C-JEPA); 0 = off")
+    p.add_argument("--vicreg", type=float, default=None, help="weight of VICReg variance+covariance on pooled context features (C-JEPA); default 0 = off as official, demo 1.0")
     p.add_argument("--target", default="ema", choices=["ema", "shared", "frozen"],
                    help="ema: EMA copy with stop-gradient (I-JEPA); shared: one encoder, gradients through both branches; frozen: never updated")
     p.add_argument("--teacher", default=None, help="with --target frozen: checkpoint whose target encoder is the teacher")
+    p.add_argument("--rgb-aux", type=float, default=0.0,
+                   help="weight of an auxiliary pixel loss: a linear head on the predictions regresses the target patches' normalised pixels (MAE-style); 0 = off")
     p.add_argument("--stop-on-collapse", action="store_true", help="end the run when the collapse monitor fires")
     # system
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
@@ -95,7 +101,7 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     preset = DEMO if args.data == "demo" else IMAGENET
     for key, value in preset.items():
-        if getattr(args, key) is None:
+        if getattr(args, key) is None and not (key == "steps" and args.epochs is not None):  # --epochs beats a preset step count
             setattr(args, key, value)
     if args.model not in models.VIT_CONFIGS:
         raise SystemExit(f"error: unknown --model {args.model}: choose from {', '.join(models.VIT_CONFIGS)}")
@@ -207,6 +213,16 @@ def make_datasets(args):
 
 # --------------------------------------------------------------------------------------- schedules
 
+def model_config(args):
+    """Constructor arguments of encoder and predictor; stored in checkpoints so they rebuild themselves.
+    The predictor has as many heads as the encoder, as in the official init_model."""
+    vit = {**models.VIT_CONFIGS[args.model], **({"depth": args.depth} if args.depth else {})}
+    grid = args.img_size // args.patch_size
+    return {"encoder": dict(img_size=args.img_size, patch_size=args.patch_size, **vit),
+            "predictor": dict(num_patches=grid * grid, embed_dim=vit["embed_dim"], predictor_embed_dim=args.pred_dim,
+                              depth=args.pred_depth, num_heads=vit["num_heads"])}
+
+
 def lr_at(step, total, warmup, args):
     """Linear warm-up from start_lr to lr, then cosine to final_lr (official WarmupCosineSchedule)."""
     if step < warmup:
@@ -276,19 +292,18 @@ def main(argv=None):
         raise SystemExit(f"error: mask flags (--target-scale/--context-scale/--min-keep...): {e}") from None
 
     # ---- models: context encoder and predictor are trained; the target encoder only follows
-    config = {"encoder": dict(img_size=args.img_size, patch_size=args.patch_size,
-                              **{**models.VIT_CONFIGS[args.model], **({"depth": args.depth} if args.depth else {})}),
-              "predictor": dict(num_patches=grid[0] * grid[1], embed_dim=models.VIT_CONFIGS[args.model]["embed_dim"],
-                                predictor_embed_dim=args.pred_dim, depth=args.pred_depth,
-                                num_heads=models.VIT_CONFIGS[args.model]["num_heads"])}
+    config = model_config(args)
     encoder = models.VisionTransformer(**config["encoder"]).to(device)
     predictor = models.VisionTransformerPredictor(**config["predictor"]).to(device)
     target_encoder = encoder if args.target == "shared" else make_target(encoder)
     if args.teacher:
         target_encoder.load_state_dict(load_encoder(args.teacher).state_dict())
 
+    # optional pixel anchor for the collapse study: predictions -> the target patches' pixels
+    rgb_head = torch.nn.Linear(encoder.embed_dim, 3 * args.patch_size**2).to(device) if args.rgb_aux > 0 else None
+    trained = [m for m in (encoder, predictor, rgb_head) if m is not None]
     # AdamW; biases and 1-D parameters (LayerNorm) get no weight decay, as official
-    params = [p for m in (encoder, predictor) for p in m.parameters() if p.requires_grad]
+    params = [p for m in trained for p in m.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim > 1]
     optimizer = torch.optim.AdamW([{"params": decay}, {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
                                   lr=args.start_lr, weight_decay=args.wd)
@@ -310,6 +325,8 @@ def main(argv=None):
         predictor.load_state_dict(ckpt["predictor"])
         if args.target != "shared":
             target_encoder.load_state_dict(ckpt["target_encoder"])
+        if rgb_head is not None:
+            rgb_head.load_state_dict(ckpt["rgb_head"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         set_rng_states(ckpt["rng"])
@@ -339,7 +356,7 @@ def main(argv=None):
         writer.writerow(["step", "epoch", "loss", "lr", "wd", "momentum", "img_per_s", "std_mean", "std_min", "eff_rank", "knn_top1"])
     reference, loss_value, stats, knn, timed_steps, timed_s = None, float("nan"), {}, None, 0, 0.0
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    t_last, step = time.perf_counter(), start
+    t_last, step, t_start, collapse_warnings = time.perf_counter(), start, time.perf_counter(), 0
     for step, (imgs, _) in enumerate(loader, start=start):
         lr, wd, m = lr_at(step, total, warmup, args), wd_at(step, total, args), momentum_at(step, total, *args.ema)
         for group in optimizer.param_groups:
@@ -361,6 +378,8 @@ def main(argv=None):
             if args.vicreg > 0:
                 variance, covariance = vicreg_loss(z.mean(dim=1))
                 loss = loss + args.vicreg * (variance + covariance)
+            if rgb_head is not None:
+                loss = loss + args.rgb_aux * F.mse_loss(rgb_head(preds), apply_masks(patch_pixels(imgs, args.patch_size), masks_tgt))
         loss_value = loss.item()  # a sync point, but it lets a bad step stop the run before it is saved
         if not math.isfinite(loss_value):
             raise SystemExit(f"error: loss is {loss_value} at step {step}; {ckpt_path} still holds the last good state")
@@ -385,12 +404,14 @@ def main(argv=None):
             mem = peak_mem_mb(device)
             log(f"step {done}/{total} ep {step // steps_per_epoch} loss {loss_value:.4f} lr {lr:.2e} wd {wd:.3f} "
                 f"mom {m:.4f} | {img_s:.0f} img/s ETA {(total - done) * step_s / 60:.1f} min mem {mem:.0f}MB | "
-                f"std {stats['std_mean']:.3f} (min {stats['std_min']:.3f}) rank {stats['eff_rank']:.1f}", flush=True)
+                f"std {stats['std_mean']:.3f} (min {stats['std_min']:.3f}) rank {stats['eff_rank']:.1f}"
+                + (f" | kNN {knn[0]:.1f}%" if knn else ""), flush=True)
             if master:
                 writer.writerow([done, step // steps_per_epoch, loss_value, lr, wd, m, img_s, stats["std_mean"],
                                  stats["std_min"], stats["eff_rank"], knn[0] if knn else ""])
                 csv_file.flush()
             if stats["std_mean"] < 0.1 * reference["std_mean"] or stats["eff_rank"] < 0.2 * reference["eff_rank"]:
+                collapse_warnings += 1
                 log(f"warning: representation collapse suspected at step {done}: std {stats['std_mean']:.4f} "
                     f"(start {reference['std_mean']:.4f}), eff_rank {stats['eff_rank']:.2f} (start {reference['eff_rank']:.2f})")
                 if args.stop_on_collapse:
@@ -400,12 +421,13 @@ def main(argv=None):
                 "encoder": raw_encoder.state_dict(), "predictor": raw_predictor.state_dict(),
                 "target_encoder": raw_target(target_encoder).state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "step": done, "epoch": done // steps_per_epoch, "config": config,
-                "args": vars(args), "rng": rng_states()})
+                "args": vars(args), "rng": rng_states(),
+                **({"rgb_head": rgb_head.state_dict()} if rgb_head is not None else {})})
 
     # ---- the end: kNN of the trained target encoder against a random-init encoder of the same shape
     summary = dict(steps=step + 1 - start, loss=loss_value, img_per_s=args.batch_size * world * timed_steps / max(timed_s, 1e-9),
                    std_mean=stats.get("std_mean", float("nan")), eff_rank=stats.get("eff_rank", float("nan")),
-                   peak_mem_mb=peak_mem_mb(device))
+                   peak_mem_mb=peak_mem_mb(device), collapse_warnings=collapse_warnings, train_s=time.perf_counter() - t_start)
     if bank_set is not None and master:
         torch.manual_seed(args.seed + 1)
         summary["knn_top1"] = run_knn(raw_target(target_encoder), bank_set, query_set, args, device, dtype)[0]
@@ -417,6 +439,14 @@ def main(argv=None):
     if ddp:
         dist.destroy_process_group()
     return summary
+
+
+def patch_pixels(imgs, p):
+    """(B, 3, H, W) -> (B, N, 3 p p) pixels per patch, each patch normalised to zero mean and unit
+    variance (MAE's normalised-pixel target), in the patch order of the encoder."""
+    x = imgs.unfold(2, p, p).unfold(3, p, p)  # (B, 3, H/p, W/p, p, p)
+    x = x.permute(0, 2, 3, 1, 4, 5).flatten(3).flatten(1, 2)  # (B, N, 3 p p)
+    return (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + 1e-6).sqrt()
 
 
 def rng_states():
