@@ -190,6 +190,7 @@ def main(argv=None):
                    help="which encoder: the paper evaluates the target (EMA) encoder")
     p.add_argument("--random-init", action="store_true", help="evaluate an untrained encoder: the control")
     p.add_argument("--model", default="vit_tiny", help="with --random-init (or to force an official file's shape)")
+    p.add_argument("--depth", type=int, default=None, help="with --random-init: encoder depth if not the model's (as train.py --depth)")
     p.add_argument("--patch-size", type=int, default=None, help="with --random-init (default 16) or an official file")
     p.add_argument("--img-size", type=int, default=None, help="evaluation size (default: the size trained at)")
     p.add_argument("--k", type=int, default=20, help="neighbours; 20 as DINO, which found 10-20 best on ImageNet")
@@ -203,8 +204,8 @@ def main(argv=None):
         if args.model not in models.VIT_CONFIGS:
             raise SystemExit(f"error: unknown --model {args.model}: choose from {', '.join(models.VIT_CONFIGS)}")
         torch.manual_seed(args.seed)
-        encoder = models.VisionTransformer(img_size=args.img_size or 224, patch_size=args.patch_size or 16,
-                                           **models.VIT_CONFIGS[args.model])
+        config = {**models.VIT_CONFIGS[args.model], **({"depth": args.depth} if args.depth else {})}
+        encoder = models.VisionTransformer(img_size=args.img_size or 224, patch_size=args.patch_size or 16, **config)
     elif args.ckpt:
         encoder = load_encoder(args.ckpt, args.which, args.patch_size)
     else:

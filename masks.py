@@ -21,7 +21,9 @@ these deliberate differences (each a known quirk of the official sampler):
   * `min_keep` bounds the context (what the encoder sees); a target block is whatever size its scale
     gives. The official sampler also demands min_keep patches per target block and loops forever
     when blocks are smaller (32 px images with patch 4: 3x3 = 9 < 10). Here sampling is retried a
-    bounded number of times and then fails with a ValueError that names the setting to change.
+    bounded number of times and then fails with a ValueError that names the setting to change;
+    the official sampler instead, after 20 failed draws, silently stops excluding target blocks
+    from the context, so context and targets overlap.
 """
 import math
 

@@ -592,3 +592,32 @@ def test_random_init_evaluation_runs(tmp_path, capsys):
                    "--workers", "0", "--k", "3"])
     top1 = float(capsys.readouterr().out.splitlines()[-1].split("knn_top1=")[1].split()[0])
     assert 0.0 <= top1 <= 100.0
+
+
+# ------------------------------------------------------------------------------------- collapse study
+
+def test_shared_target_collapses_and_default_does_not(tmp_path):
+    # one encoder on both branches with gradients through both (no stop-gradient, no EMA) lets the
+    # two branches agree on a constant; the default EMA target with stop-gradient does not
+    common = ["--data", "demo", "--steps", "40", "--batch-size", "16", "--vicreg", "0", *TINY, "--log-every", "10"]
+    shared = train.main([*common, "--target", "shared", "--out", str(tmp_path / "shared")])
+    default = train.main([*common, "--out", str(tmp_path / "default")])
+    assert shared["std_mean"] < 0.2 * default["std_mean"] and shared["collapse_warnings"] > 0
+    assert default["collapse_warnings"] == 0
+
+
+def test_rgb_aux_and_frozen_target_run(tmp_path):
+    summary = train.main(["--data", "demo", "--steps", "2", "--batch-size", "8", "--rgb-aux", "0.1", "--target", "frozen",
+                          *TINY, "--out", str(tmp_path)])
+    ckpt = load(tmp_path / "latest.pt")
+    assert "rgb_head" in ckpt and math.isfinite(summary["loss"])
+    torch.manual_seed(0)
+    init = models.VisionTransformer(**ckpt["config"]["encoder"]).state_dict()
+    assert all(torch.equal(init[k], v) for k, v in ckpt["target_encoder"].items())
+
+
+def test_patch_pixels_match_loop():
+    imgs = torch.randn(2, 3, 8, 12)
+    px = train.patch_pixels(imgs, 4)  # (2, 6, 48)
+    patch = imgs[1, :, 4:8, 8:12].flatten()  # row 1, column 2 -> patch index 1 * 3 + 2
+    torch.testing.assert_close(px[1, 5], (patch - patch.mean()) / (patch.var() + 1e-6).sqrt())

@@ -393,7 +393,6 @@ def main(argv=None):
         done = step + 1
         if step - start >= 3:  # steady-state throughput: the first steps pay for warm-up and allocation
             timed_steps, timed_s = timed_steps + 1, timed_s + time.perf_counter() - t_last
-        t_last = time.perf_counter()
         if args.knn_every and done % args.knn_every == 0 and bank_set is not None and master:
             knn = run_knn(raw_target(target_encoder), bank_set, query_set, args, device, dtype)
         if done % args.log_every == 0 or done == total or step == start:  # the first row is the monitor's reference
@@ -423,9 +422,10 @@ def main(argv=None):
                 "scaler": scaler.state_dict(), "step": done, "epoch": done // steps_per_epoch, "config": config,
                 "args": vars(args), "rng": rng_states(),
                 **({"rgb_head": rgb_head.state_dict()} if rgb_head is not None else {})})
+        t_last = time.perf_counter()  # the next interval is data + step only, not kNN, logging or saving
 
     # ---- the end: kNN of the trained target encoder against a random-init encoder of the same shape
-    summary = dict(steps=step + 1 - start, loss=loss_value, img_per_s=args.batch_size * world * timed_steps / max(timed_s, 1e-9),
+    summary = dict(steps=step + 1 - start if total > start else 0, loss=loss_value, img_per_s=args.batch_size * world * timed_steps / max(timed_s, 1e-9),
                    std_mean=stats.get("std_mean", float("nan")), eff_rank=stats.get("eff_rank", float("nan")),
                    peak_mem_mb=peak_mem_mb(device), collapse_warnings=collapse_warnings, train_s=time.perf_counter() - t_start)
     if bank_set is not None and master:
