@@ -61,7 +61,7 @@ class ImageFolder(torch.utils.data.Dataset):
         if not os.path.isdir(root):
             raise SystemExit(f"error: data folder {root} does not exist")
         self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
-        self.samples, self.transform, self.warned = [], transform, set()
+        self.root, self.samples, self.transform, self.warned = root, [], transform, set()
         for label, cls in enumerate(self.classes):
             for dirpath, _, files in sorted(os.walk(os.path.join(root, cls))):
                 for f in sorted(files):
@@ -90,7 +90,7 @@ class ImageFolder(torch.utils.data.Dataset):
                     return img.convert("RGB"), label
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 self.warn(path, f"{type(e).__name__}: {e}")
-        raise SystemExit(f"error: no readable image left in the data folder of {self.samples[0][0]}")
+        raise SystemExit(f"error: no readable image in {self.root}: every file failed to decode")
 
     def __len__(self):
         return len(self.samples)
