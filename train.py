@@ -343,7 +343,7 @@ def main(argv=None):
 
     loader = torch.utils.data.DataLoader(
         train_set, batch_sampler=StepBatches(len(train_set), args.batch_size, rank, world, args.seed, start, total),
-        num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=False)
+        num_workers=args.workers, pin_memory=device.type == "cuda")
     n_params = sum(p.numel() for p in params)
     log(f"I-JEPA: {args.model}/{args.patch_size} at {args.img_size}px ({grid[0]}x{grid[1]} patches), {n_params / 1e6:.1f}M "
         f"trained params, {len(train_set)} images, {world} process(es) x batch {args.batch_size}, {total} steps, "
@@ -394,7 +394,7 @@ def main(argv=None):
         if step - start >= 3:  # steady-state throughput: the first steps pay for warm-up and allocation
             timed_steps, timed_s = timed_steps + 1, timed_s + time.perf_counter() - t_last
         if args.knn_every and done % args.knn_every == 0 and bank_set is not None and master:
-            knn = run_knn(raw_target(target_encoder), bank_set, query_set, args, device, dtype)
+            knn = run_knn(target_encoder, bank_set, query_set, args, device, dtype)
         if done % args.log_every == 0 or done == total or step == start:  # the first row is the monitor's reference
             stats = collapse_stats(feats.detach().mean(dim=1))
             reference = reference or stats
@@ -418,7 +418,7 @@ def main(argv=None):
         if master and (done % args.save_every == 0 or done == total):
             save_checkpoint(ckpt_path, {
                 "encoder": raw_encoder.state_dict(), "predictor": raw_predictor.state_dict(),
-                "target_encoder": raw_target(target_encoder).state_dict(), "optimizer": optimizer.state_dict(),
+                "target_encoder": target_encoder.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "step": done, "epoch": done // steps_per_epoch, "config": config,
                 "args": vars(args), "rng": rng_states(),
                 **({"rgb_head": rgb_head.state_dict()} if rgb_head is not None else {})})
@@ -430,7 +430,7 @@ def main(argv=None):
                    peak_mem_mb=peak_mem_mb(device), collapse_warnings=collapse_warnings, train_s=time.perf_counter() - t_start)
     if bank_set is not None and master:
         torch.manual_seed(args.seed + 1)
-        summary["knn_top1"] = run_knn(raw_target(target_encoder), bank_set, query_set, args, device, dtype)[0]
+        summary["knn_top1"] = run_knn(target_encoder, bank_set, query_set, args, device, dtype)[0]
         summary["knn_top1_random"] = run_knn(models.VisionTransformer(**config["encoder"]).to(device),
                                              bank_set, query_set, args, device, dtype)[0]
         log(f"kNN top-1 on held-out images: trained target encoder {summary['knn_top1']:.1f}%, "
@@ -464,10 +464,6 @@ def set_rng_states(states):
     keys, *rest = states["numpy"]
     np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), *rest))
     random.setstate(states["python"])
-
-
-def raw_target(target):
-    return getattr(target, "_orig_mod", target)
 
 
 def run_knn(encoder, bank_set, query_set, args, device, dtype):
