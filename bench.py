@@ -72,8 +72,7 @@ def main():
     encoder = models.VisionTransformer(**config["encoder"]).to(device)
     predictor = models.VisionTransformerPredictor(**config["predictor"]).to(device)
     target_encoder = make_target(encoder)
-    params = [p for m in (encoder, predictor) for p in m.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05)
+    optimizer = train.make_optimizer([p for m in (encoder, predictor) for p in m.parameters()], 1e-4, 0.05)
     ctx_encoder, pred_net = encoder, predictor
     if args.compile:
         ctx_encoder, pred_net = torch.compile(encoder, dynamic=True), torch.compile(predictor, dynamic=True)

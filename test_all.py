@@ -51,6 +51,12 @@ def test_sdpa_matches_explicit_softmax_attention():
     torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_cpu_attention_matches_sdpa():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 3, 11, 16).unbind(0)
+    torch.testing.assert_close(models.attention(q, k, v), F.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
+
+
 def test_sincos_table_values():
     dim, H, W = 16, 3, 5
     table = models.sincos_pos_embed(dim, H, W)

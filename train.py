@@ -241,6 +241,13 @@ def mask_generator(seed, step):
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
+def make_optimizer(params, lr, wd):
+    """AdamW; biases and 1-D parameters (LayerNorm) get no weight decay, as official. fused=True runs the
+    whole update as one kernel instead of a dozen per-tensor ops (measured ~4% of the CPU step at bench (A))."""
+    decay, no_decay = [p for p in params if p.ndim > 1], [p for p in params if p.ndim <= 1]
+    return torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, weight_decay=wd, fused=True)
+
+
 def peak_mem_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -302,11 +309,8 @@ def main(argv=None):
     # optional pixel anchor for the collapse study: predictions -> the target patches' pixels
     rgb_head = torch.nn.Linear(encoder.embed_dim, 3 * args.patch_size**2).to(device) if args.rgb_aux > 0 else None
     trained = [m for m in (encoder, predictor, rgb_head) if m is not None]
-    # AdamW; biases and 1-D parameters (LayerNorm) get no weight decay, as official
     params = [p for m in trained for p in m.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim > 1]
-    optimizer = torch.optim.AdamW([{"params": decay}, {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
-                                  lr=args.start_lr, weight_decay=args.wd)
+    optimizer = make_optimizer(params, args.start_lr, args.wd)
     if args.target != "shared":  # the two properties that keep I-JEPA from collapsing (see ema.py)
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
         assert not any(id(p) in in_optimizer for p in target_encoder.parameters()), "target parameter in the optimizer"
