@@ -627,3 +627,22 @@ def test_patch_pixels_match_loop():
     px = train.patch_pixels(imgs, 4)  # (2, 6, 48)
     patch = imgs[1, :, 4:8, 8:12].flatten()  # row 1, column 2 -> patch index 1 * 3 + 2
     torch.testing.assert_close(px[1, 5], (patch - patch.mean()) / (patch.var() + 1e-6).sqrt())
+
+
+def test_color_distort_identity_and_grayscale():
+    pixels = torch.rand(3, 3, 6, 6)  # [0, 1] pixel space, then the loaders' normalisation
+    imgs = (pixels - eval_knn.MEAN[:, None, None]) / eval_knn.STD[:, None, None]
+    keep = torch.tensor([[0.5, 0.5, 0.5, 0.9]] * 3)  # factors 1, no grayscale: the image is unchanged
+    torch.testing.assert_close(train.color_distort(imgs, 0.4, keep), imgs, atol=1e-5, rtol=0)
+    out = train.color_distort(imgs, 0.4, torch.tensor([[0.5, 0.5, 0.5, 0.1], [0.5, 0.5, 0.5, 0.9], [0.9, 0.5, 0.5, 0.9]]))
+    px = out * eval_knn.STD[:, None, None] + eval_knn.MEAN[:, None, None]
+    assert torch.allclose(px[0, 0], px[0, 1], atol=1e-5) and torch.allclose(px[0, 1], px[0, 2], atol=1e-5)  # grayscale
+    torch.testing.assert_close(out[1], imgs[1], atol=1e-5, rtol=0)  # per image: only image 0 and 2 change
+    assert px[2].mean() > pixels[2].mean()  # brightness factor 1.32
+
+
+def test_color_aug_changes_only_the_context_view(tmp_path):
+    common = ["--data", "demo", "--steps", "2", "--batch-size", "8", *TINY]
+    plain = train.main([*common, "--out", str(tmp_path / "plain")])
+    aug = train.main([*common, "--color-aug", "0.4", "--out", str(tmp_path / "aug")])
+    assert math.isfinite(aug["loss"]) and aug["loss"] != plain["loss"]

@@ -26,7 +26,7 @@ from PIL import Image
 
 import models
 from ema import ema_update, make_target, momentum_at
-from eval_knn import CenterCrop, ImageFolder, knn_evaluate, load_checkpoint, load_encoder, to_tensor
+from eval_knn import MEAN, STD, CenterCrop, ImageFolder, knn_evaluate, load_checkpoint, load_encoder, to_tensor
 from losses import collapse_stats, jepa_loss, vicreg_loss
 from masks import apply_masks, sample_masks
 
@@ -86,6 +86,8 @@ def get_args(argv=None):
     p.add_argument("--teacher", default=None, help="with --target frozen: checkpoint whose target encoder is the teacher")
     p.add_argument("--rgb-aux", type=float, default=0.0,
                    help="weight of an auxiliary pixel loss: a linear head on the predictions regresses the target patches' normalised pixels (MAE-style); 0 = off")
+    p.add_argument("--color-aug", type=float, default=0.0, metavar="S",
+                   help="hand-crafted views (off as the paper): the context encoder sees a colour-jittered copy (strength S, e.g. 0.4) of the image the target encoder sees")
     p.add_argument("--stop-on-collapse", action="store_true", help="end the run when the collapse monitor fires")
     # system
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
@@ -367,8 +369,9 @@ def main(argv=None):
             group["lr"] = lr
         optimizer.param_groups[0]["weight_decay"] = wd
         imgs = imgs.to(device, non_blocking=True)
-        masks_ctx, masks_tgt = sample_masks(args.batch_size * world, grid, generator=mask_generator(args.seed, step), **mask_kw)
-        masks_ctx, masks_tgt = [mk[rank * args.batch_size:(rank + 1) * args.batch_size].to(device) for mk in (masks_ctx, masks_tgt)]
+        gen, rows = mask_generator(args.seed, step), slice(rank * args.batch_size, (rank + 1) * args.batch_size)
+        masks_ctx, masks_tgt = [mk[rows].to(device) for mk in sample_masks(args.batch_size * world, grid, generator=gen, **mask_kw)]
+        ctx_imgs = imgs if args.color_aug == 0 else color_distort(imgs, args.color_aug, torch.rand(args.batch_size * world, 4, generator=gen)[rows])
 
         with autocast:
             # stop-gradient: the target branch builds no graph, so the loss cannot move the target
@@ -376,7 +379,7 @@ def main(argv=None):
                 feats = target_encoder(imgs)  # (B, N, D)
                 h = F.layer_norm(feats, feats.shape[-1:]) if args.target_norm == "layernorm" else feats
                 targets = apply_masks(h, masks_tgt)  # (B, M, Kt, D)
-            z = encoder(imgs, masks_ctx)  # (B, Kc, D)
+            z = encoder(ctx_imgs, masks_ctx)  # (B, Kc, D)
             preds = predictor(z, masks_ctx, masks_tgt)  # (B, M, Kt, D)
             loss = jepa_loss(preds, targets, args.loss, stop_gradient=args.target != "shared")
             if args.vicreg > 0:
@@ -443,6 +446,27 @@ def main(argv=None):
     if ddp:
         dist.destroy_process_group()
     return summary
+
+
+def color_distort(imgs, strength, draws):
+    """A photometric view for the context branch only (--color-aug; off by default, as I-JEPA needs no
+    hand-crafted views). Per image: brightness, contrast and saturation factors in [1-S, 1+S], then
+    grayscale with probability 0.2, in [0, 1] pixel space. Geometry is untouched, so the masks address
+    the same patches in both views; predicting the clean image's target features from a jittered
+    context teaches colour invariance. draws: (B, 4) uniforms, sliced from the global batch's."""
+    mean, std = MEAN.to(imgs.device)[:, None, None], STD.to(imgs.device)[:, None, None]
+    f = (1 + strength * (2 * draws[:, :3] - 1)).to(imgs.device)[:, :, None, None, None]  # (B, 3, 1, 1, 1)
+
+    def gray(t):  # (B, 1, H, W) luma
+        return 0.299 * t[:, 0:1] + 0.587 * t[:, 1:2] + 0.114 * t[:, 2:3]
+
+    x = (imgs * std + mean).mul(f[:, 0]).clamp(0, 1)  # brightness
+    m = gray(x).mean(dim=(1, 2, 3), keepdim=True)
+    x = ((x - m) * f[:, 1] + m).clamp(0, 1)  # contrast
+    g = gray(x)
+    x = ((x - g) * f[:, 2] + g).clamp(0, 1)  # saturation
+    x = torch.where((draws[:, 3] < 0.2).to(imgs.device)[:, None, None, None], gray(x).expand_as(x), x)
+    return (x - mean) / std
 
 
 def patch_pixels(imgs, p):
