@@ -436,6 +436,7 @@ def test_kill_and_resume_gives_same_weights(tmp_path):
     assert again["step"] == 12
     for part in ("encoder", "predictor", "target_encoder"):
         assert max((full[part][k] - again[part][k]).abs().max().item() for k in full[part]) <= 1e-6
+    assert again["monitor_reference"] == full["monitor_reference"]  # the collapse monitor's step-0 yardstick survives
 
 
 def test_checkpoint_holds_everything_and_loads_weights_only(tmp_path):
@@ -443,7 +444,7 @@ def test_checkpoint_holds_everything_and_loads_weights_only(tmp_path):
     train.main(["--data", data, "--steps", "2", "--batch-size", "4", "--out", str(tmp_path), *TINY])
     ckpt = load(tmp_path / "latest.pt")  # weights_only=True
     assert {"encoder", "predictor", "target_encoder", "optimizer", "scaler", "step", "epoch", "config", "args",
-            "rng"} <= set(ckpt)
+            "rng", "monitor_reference"} <= set(ckpt)
     assert not (tmp_path / "latest.pt.tmp").exists()
 
 

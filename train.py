@@ -319,7 +319,7 @@ def main(argv=None):
         assert not any(p.requires_grad for p in target_encoder.parameters()), "target parameter requires grad"
 
     os.makedirs(args.out, exist_ok=True)
-    ckpt_path, start = os.path.join(args.out, "latest.pt"), 0
+    ckpt_path, start, reference = os.path.join(args.out, "latest.pt"), 0, None
     if args.resume:
         if not os.path.isfile(ckpt_path):
             raise SystemExit(f"error: --resume: no checkpoint at {ckpt_path}")
@@ -336,7 +336,7 @@ def main(argv=None):
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         set_rng_states(ckpt["rng"])
-        start = ckpt["step"]
+        start, reference = ckpt["step"], ckpt.get("monitor_reference")  # the collapse monitor keeps its step-0 yardstick
         log(f"resumed from {ckpt_path} at step {start}")
 
     raw_encoder, raw_predictor = encoder, predictor  # unwrapped: what EMA reads and checkpoints store
@@ -360,7 +360,7 @@ def main(argv=None):
     writer = csv.writer(csv_file) if master else None
     if master and not args.resume:
         writer.writerow(["step", "epoch", "loss", "lr", "wd", "momentum", "img_per_s", "std_mean", "std_min", "eff_rank", "knn_top1"])
-    reference, loss_value, stats, knn, timed_steps, timed_s = None, float("nan"), {}, None, 0, 0.0
+    loss_value, stats, knn, timed_steps, timed_s = float("nan"), {}, None, 0, 0.0
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     t_last, step, t_start, collapse_warnings = time.perf_counter(), start, time.perf_counter(), 0
     for step, (imgs, _) in enumerate(loader, start=start):
@@ -427,7 +427,7 @@ def main(argv=None):
                 "encoder": raw_encoder.state_dict(), "predictor": raw_predictor.state_dict(),
                 "target_encoder": target_encoder.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "step": done, "epoch": done // steps_per_epoch, "config": config,
-                "args": vars(args), "rng": rng_states(),
+                "args": vars(args), "rng": rng_states(), "monitor_reference": reference,
                 **({"rgb_head": rgb_head.state_dict()} if rgb_head is not None else {})})
         t_last = time.perf_counter()  # the next interval is data + step only, not kNN, logging or saving
 
@@ -453,7 +453,8 @@ def color_distort(imgs, strength, draws):
     hand-crafted views). Per image: brightness, contrast and saturation factors in [1-S, 1+S], then
     grayscale with probability 0.2, in [0, 1] pixel space. Geometry is untouched, so the masks address
     the same patches in both views; predicting the clean image's target features from a jittered
-    context teaches colour invariance. draws: (B, 4) uniforms, sliced from the global batch's."""
+    context asks for colour invariance (on CIFAR it did not raise kNN: README). draws: (B, 4) uniforms,
+    sliced from the global batch's. Demo images use another normalisation; there the jitter is approximate."""
     mean, std = MEAN.to(imgs.device)[:, None, None], STD.to(imgs.device)[:, None, None]
     f = (1 + strength * (2 * draws[:, :3] - 1)).to(imgs.device)[:, :, None, None, None]  # (B, 3, 1, 1, 1)
 
