@@ -204,8 +204,8 @@ def main(argv=None):
         if args.model not in models.VIT_CONFIGS:
             raise SystemExit(f"error: unknown --model {args.model}: choose from {', '.join(models.VIT_CONFIGS)}")
         torch.manual_seed(args.seed)
-        config = {**models.VIT_CONFIGS[args.model], **({"depth": args.depth} if args.depth else {})}
-        encoder = models.VisionTransformer(img_size=args.img_size or 224, patch_size=args.patch_size or 16, **config)
+        encoder = models.VisionTransformer(img_size=args.img_size or 224, patch_size=args.patch_size or 16,
+                                           **models.vit_config(args.model, args.depth))
     elif args.ckpt:
         encoder = load_encoder(args.ckpt, args.which, args.patch_size)
     else:

@@ -225,6 +225,11 @@ VIT_CONFIGS = {
 }
 
 
+def vit_config(name, depth=None):
+    """VIT_CONFIGS[name], with its depth replaced when `depth` is given (train.py/eval_knn.py --depth)."""
+    return {**VIT_CONFIGS[name], **({"depth": depth} if depth else {})}
+
+
 def vit_tiny(**kw): return VisionTransformer(**VIT_CONFIGS["vit_tiny"], **kw)
 def vit_small(**kw): return VisionTransformer(**VIT_CONFIGS["vit_small"], **kw)
 def vit_base(**kw): return VisionTransformer(**VIT_CONFIGS["vit_base"], **kw)

@@ -218,7 +218,7 @@ def make_datasets(args):
 def model_config(args):
     """Constructor arguments of encoder and predictor; stored in checkpoints so they rebuild themselves.
     The predictor has as many heads as the encoder, as in the official init_model."""
-    vit = {**models.VIT_CONFIGS[args.model], **({"depth": args.depth} if args.depth else {})}
+    vit = models.vit_config(args.model, args.depth)
     grid = args.img_size // args.patch_size
     return {"encoder": dict(img_size=args.img_size, patch_size=args.patch_size, **vit),
             "predictor": dict(num_patches=grid * grid, embed_dim=vit["embed_dim"], predictor_embed_dim=args.pred_dim,
