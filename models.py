@@ -13,8 +13,9 @@ Shape legend, used in every docstring and shape comment below:
 Parameter names are exactly those of the official release (facebookresearch/ijepa,
 src/models/vision_transformer.py), so its checkpoints load once the DDP `module.` prefix is
 stripped. Deliberate differences from that file:
-  * attention goes through F.scaled_dot_product_attention (flash / memory-efficient kernels)
-    instead of a materialised softmax; the result is the same up to float rounding;
+  * on GPU, attention goes through F.scaled_dot_product_attention's flash kernel instead of a
+    materialised softmax (same result up to float rounding); on CPU it is written out as the
+    official, which measured faster there (see `attention`);
   * pos_embed is a buffer, not a frozen Parameter: same state_dict key, but it can never reach an
     optimizer by accident;
   * position embeddings work for non-square grids and are interpolated without assuming a cls token
@@ -26,6 +27,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from masks import apply_masks
 
@@ -59,6 +61,9 @@ def resize_pos_embed(pos_embed, old_grid, new_grid):
     return table.permute(0, 2, 3, 1).reshape(1, -1, dim)  # (1, H'*W', dim)
 
 
+GPU_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]  # no cuDNN: see below
+
+
 def attention(q, k, v):
     """softmax(q k^T / sqrt(head_dim)) v over (B, heads, T, head_dim) tensors."""
     if q.device.type == "cpu":
@@ -66,7 +71,12 @@ def attention(q, k, v):
         # config (A): the fused CPU flash kernel's backward was ~10x its forward, and SDPA's MATH backend adds
         # per-call mask checks (aten::all/isneginf/where); this plain form made the whole step ~10% faster.
         return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
-    return F.scaled_dot_product_attention(q, k, v)  # flash attention on GPU: the (T, T) matrix never materialises
+    # Flash attention on GPU: the (T, T) matrix never materialises. The backends are named because recent
+    # PyTorch prefers cuDNN's attention on Hopper, which builds an execution plan per new sequence length on
+    # the host: with context lengths that change every step, that cost ~4 ms of CPU per call (measured on an
+    # H100, torch 2.11: ~60% of a ViT-L step's host time), while FlashAttention-2 takes any length as is.
+    with sdpa_kernel(GPU_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v)
 
 
 class Attention(nn.Module):
