@@ -91,7 +91,7 @@ def get_args(argv=None):
     p.add_argument("--stop-on-collapse", action="store_true", help="end the run when the collapse monitor fires")
     # system
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                   help="autocast precision; bfloat16 on CUDA (as official) and on CPUs with AMX, where it measured faster")
+                   help="autocast precision; default bfloat16 (as official) where the hardware has it, else float32 on CPU, float16 on old GPUs")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--compile", action="store_true", help="torch.compile encoder and predictor (dynamic shapes: context lengths vary)")
     p.add_argument("--seed", type=int, default=0, help="seeds weights, data order, crops and masks")
@@ -250,6 +250,21 @@ def make_optimizer(params, lr, wd):
     return torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, weight_decay=wd, fused=True)
 
 
+def default_dtype(device, log=print):
+    """bfloat16 wherever the hardware computes it: CUDA GPUs since Ampere, CPUs with AVX-512 or AMX (oneDNN's
+    bf16 kernels). Without them bf16 is emulated: on an AVX2-only CPU (AMD Zen 3) a bf16 matmul ran at ~1
+    GFLOP/s against 76 for float32, so such CPUs get float32, and pre-Ampere GPUs float16 (with GradScaler)."""
+    if device.type == "cuda":
+        if torch.cuda.get_device_capability(device)[0] >= 8:  # Ampere and later
+            return torch.bfloat16
+        log("note: this GPU has no native bfloat16: float16 with loss scaling (--dtype float32 to avoid it)")
+        return torch.float16
+    if device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        log("note: this CPU has no native bfloat16 (no AVX-512/AMX): training in float32 (--dtype bfloat16 forces it)")
+        return torch.float32
+    return torch.bfloat16
+
+
 def peak_mem_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -281,7 +296,8 @@ def main(argv=None):
             torch.cuda.set_device(device)
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
-    dtype = getattr(torch, args.dtype or "bfloat16")
+    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device, log)
+    args.dtype = str(dtype).removeprefix("torch.")
     # bf16 has float32's exponent range, so gradients cannot underflow and need no GradScaler (the
     # official code uses one anyway); float16 does need one.
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -353,7 +369,7 @@ def main(argv=None):
     n_params = sum(p.numel() for p in params)
     log(f"I-JEPA: {args.model}/{args.patch_size} at {args.img_size}px ({grid[0]}x{grid[1]} patches), {n_params / 1e6:.1f}M "
         f"trained params, {len(train_set)} images, {world} process(es) x batch {args.batch_size}, {total} steps, "
-        f"{args.dtype or 'bfloat16'} on {device}, target={args.target}")
+        f"{args.dtype} on {device}, target={args.target}")
 
     # ---- the loop
     csv_file = open(os.path.join(args.out, "log.csv"), "a" if args.resume else "w", newline="") if master else None
