@@ -414,7 +414,7 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                     os.path.join(HERE, "train.py"), *common, "--batch-size", "4", "--device", "cpu",
                     "--out", str(tmp_path / "ddp")], check=True, env=env, cwd=HERE, capture_output=True)
-    train.main([*common, "--batch-size", "8", "--out", str(tmp_path / "one")])
+    train.main([*common, "--batch-size", "8", "--device", "cpu", "--out", str(tmp_path / "one")])  # same device as the DDP run
     ddp, one = load(tmp_path / "ddp" / "latest.pt"), load(tmp_path / "one" / "latest.pt")
     for part in ("encoder", "predictor", "target_encoder"):
         for k, v in one[part].items():
