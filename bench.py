@@ -67,7 +67,7 @@ def main():
     p.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
     args = p.parse_args()
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else train.default_dtype(device)
+    dtype = train.autocast_dtype(device, args.dtype)
     args.dtype = str(dtype).removeprefix("torch.")
     torch.manual_seed(0)
     config = train.model_config(args)

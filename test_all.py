@@ -390,13 +390,13 @@ def test_schedules_at_known_steps():
     assert train.wd_at(50, 100, args) == pytest.approx(0.22)
 
 
-def test_default_dtype_falls_back_to_float32_aloud_on_cpus_without_bf16(monkeypatch):
+def test_autocast_dtype_falls_back_to_float32_aloud_on_cpus_without_bf16(monkeypatch):
     said = []
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
-    assert train.default_dtype(torch.device("cpu"), said.append) == torch.float32
+    assert train.autocast_dtype(torch.device("cpu"), None, said.append) == torch.float32
     assert len(said) == 1 and "--dtype bfloat16" in said[0]  # not silent: it names the flag that forces bf16
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
-    assert train.default_dtype(torch.device("cpu"), said.append) == torch.bfloat16 and len(said) == 1
+    assert train.autocast_dtype(torch.device("cpu"), None, said.append) == torch.bfloat16 and len(said) == 1
 
 
 def test_step_batches_split_global_batch_across_ranks():

@@ -250,10 +250,12 @@ def make_optimizer(params, lr, wd):
     return torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, weight_decay=wd, fused=True)
 
 
-def default_dtype(device, log=print):
-    """bfloat16 wherever the hardware computes it: CUDA GPUs since Ampere, CPUs with AVX-512 or AMX (oneDNN's
+def autocast_dtype(device, requested=None, log=print):
+    """The --dtype asked for, else bfloat16 wherever the hardware computes it: CUDA GPUs since Ampere, CPUs with AVX-512 or AMX (oneDNN's
     bf16 kernels). Without them bf16 is emulated: on an AVX2-only CPU (AMD Zen 3) a bf16 matmul ran at ~1
     GFLOP/s against 76 for float32, so such CPUs get float32, and pre-Ampere GPUs float16 (with GradScaler)."""
+    if requested:
+        return getattr(torch, requested)
     if device.type == "cuda":
         if torch.cuda.get_device_capability(device)[0] >= 8:  # Ampere and later
             return torch.bfloat16
@@ -296,7 +298,7 @@ def main(argv=None):
             torch.cuda.set_device(device)
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
-    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device, log)
+    dtype = autocast_dtype(device, args.dtype, log)
     args.dtype = str(dtype).removeprefix("torch.")
     # bf16 has float32's exponent range, so gradients cannot underflow and need no GradScaler (the
     # official code uses one anyway); float16 does need one.
