@@ -516,6 +516,8 @@ def test_nothing_readable_is_a_clear_error(tmp_path):
     (["--target-scale", "0.5", "1.5"], "target_scale"),
     (["--min-keep", "100"], "min_keep"),
     (["--model", "vit_enormous"], "unknown --model"),
+    (["--target-layers", "13"], "--target-layers 13"),
+    (["--view-size", "12"], "--view-size 12"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, flags, message):
     args = [*TINY, "--data", "demo", "--steps", "1", "--out", str(tmp_path), *flags]
@@ -656,3 +658,51 @@ def test_color_aug_changes_only_the_context_view(tmp_path):
     plain = train.main([*common, "--out", str(tmp_path / "plain")])
     aug = train.main([*common, "--color-aug", "0.4", "--out", str(tmp_path / "aug")])
     assert math.isfinite(aug["loss"]) and aug["loss"] != plain["loss"]
+
+
+def test_random_view_identity_flip_and_crop():
+    imgs = torch.randn(2, 3, 8, 8)
+    same = torch.tensor([[1.0, 0.5, 0.5, 0.5, 0.9, 0, 0, 0, 0]] * 2)  # full area, aspect 1, no flip, no colour
+    torch.testing.assert_close(train.random_view(imgs, (1.0, 1.0), 0.0, same), imgs, atol=1e-5, rtol=0)
+    flipped = same.clone()
+    flipped[1, 4] = 0.1  # image 1 flipped
+    out = train.random_view(imgs, (1.0, 1.0), 0.0, flipped)
+    torch.testing.assert_close(out[1], imgs[1].flip(-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[0], imgs[0], atol=1e-5, rtol=0)
+    rows, cols = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
+    ramp = (cols + 10 * rows).expand(1, 3, 8, 8)  # bilinear sampling reproduces a linear image exactly
+    centre = torch.tensor([[0.0, 0.5, 0.5, 0.5, 0.9, 0, 0, 0, 0]])  # a quarter of the area, in the centre
+    expected = (cols / 2 + 1.75) + 10 * (rows / 2 + 1.75)  # output pixel j samples input column j/2 + 1.75
+    torch.testing.assert_close(train.random_view(ramp, (0.25, 0.25), 0.0, centre)[0, 0], expected, atol=1e-4, rtol=0)
+
+
+def test_target_layers_average_matches_loop():
+    enc = tiny_encoder(depth=3)
+    x = torch.randn(2, 3, 32, 32)
+    feats, h = train.target_features(enc, x, 1, "layernorm")
+    torch.testing.assert_close(h, F.layer_norm(enc(x), (48,)))
+    z = enc.patch_embed(x) + enc.pos_embed
+    outs = []
+    for blk in enc.blocks:
+        z = blk(z)
+        outs.append(F.layer_norm(z, (48,)))
+    feats2, h2 = train.target_features(enc, x, 2, "layernorm")
+    torch.testing.assert_close(feats2, enc(x))
+    torch.testing.assert_close(h2, (outs[1] + outs[2]) / 2)
+    assert not enc.blocks[-1]._forward_hooks  # the hooks are gone
+
+
+def test_invariance_and_target_layers_run(tmp_path):
+    common = ["--data", "demo", "--steps", "2", "--batch-size", "8", *TINY]
+    plain = train.main([*common, "--out", str(tmp_path / "plain")])
+    both = train.main([*common, "--invariance", "1", "--view-size", "16", "--target-layers", "2", "--out", str(tmp_path / "both")])
+    assert math.isfinite(both["loss"]) and both["loss"] != plain["loss"]
+
+
+def test_small_preset_fills_only_unset_flags():
+    args = train.get_args(["--data", "somewhere", "--preset", "small", "--invariance", "2"])
+    assert (args.model, args.depth, args.epochs, args.steps, args.loss, args.target_layers, args.view_size) == \
+        ("vit_small", 4, 12, None, "l2", 4, 16)
+    assert args.invariance == 2 and args.view_color == 0  # an explicit flag beats the preset
+    plain = train.get_args(["--data", "somewhere"])  # the official recipe keeps every departure off
+    assert (plain.invariance, plain.target_layers, plain.loss, plain.vicreg) == (0, 1, "smooth_l1", 0)
