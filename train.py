@@ -43,12 +43,12 @@ DEMO = dict(model="vit_tiny", depth=6, img_size=32, patch_size=4, batch_size=64,
 for defaults in (IMAGENET, DEMO):  # the switches of the small preset below stay off, as the paper
     defaults.update(loss="smooth_l1", invariance=0.0, view_size=None, view_color=0.4, target_layers=1)
 IMAGENET.update(vicreg=0.0, workers=8)
-# --preset small: small data sets on a CPU (README, 'Small data'). Plain I-JEPA at this scale peaks within
-# a few hundred steps and then loses kNN accuracy; two departures from the paper, each measured there, make it
-# keep learning: C-JEPA's invariance to a second view (crop + flip; colour jitter measured worse here) and
-# multi-layer targets. The second view is embedded at 16 px, a quarter of the tokens: 1.3x the steps per minute,
-# and at a fixed time the extra steps won (README). So did a smaller encoder: a 4-deep ViT-Tiny runs 2.1x the steps
-# of a 4-deep ViT-Small and ends higher at 10 minutes. 25 epochs of 10,000 images take about 10 minutes on the 2-core AVX-512 CPU.
+# --preset small: small data sets on a CPU (README, 'Small data'). Plain I-JEPA at this scale peaks within a few hundred
+# steps and then loses kNN accuracy; two departures from the paper, each measured there, make it keep learning for about
+# ten minutes (then flat, README): C-JEPA's invariance to a second view (crop + flip; colour jitter measured worse here)
+# and multi-layer targets. The second view is embedded at 16 px, a quarter of the tokens: 1.3x the steps per minute, and
+# at a fixed time the extra steps won (README). So did a smaller encoder: a 4-deep ViT-Tiny runs 2.1x the steps of a
+# 4-deep ViT-Small and ends higher at 10 minutes. 25 epochs of 10,000 images: ~10 minutes on the 2-core AVX-512 CPU.
 SMALL = dict(DEMO, model="vit_tiny", depth=4, steps=None, epochs=25, warmup=3, loss="l2", invariance=5.0, view_size=16,
              view_color=0.0, target_layers=4)
 PRESETS = {"imagenet": IMAGENET, "demo": DEMO, "small": SMALL}
