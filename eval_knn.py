@@ -35,12 +35,15 @@ def to_tensor(img):
 
 class CenterCrop:
     """Evaluation transform: resize the shorter side to `size` (bicubic), then take the central
-    size x size square; an image already at that size passes unchanged."""
+    size x size square; an image already at that size passes unchanged. With grayscale=True the
+    image is first reduced to its luma (PIL's ITU-R 601-2 weights) and copied to all three channels."""
 
-    def __init__(self, size):
-        self.size = size
+    def __init__(self, size, grayscale=False):
+        self.size, self.grayscale = size, grayscale
 
     def __call__(self, img, key=None):
+        if self.grayscale:
+            img = img.convert("L").convert("RGB")
         w, h = img.size
         if (w, h) != (self.size, self.size):
             s = self.size / min(w, h)
@@ -195,6 +198,8 @@ def main(argv=None):
     p.add_argument("--img-size", type=int, default=None, help="evaluation size (default: the size trained at)")
     p.add_argument("--k", type=int, default=20, help="neighbours; 20 as DINO, which found 10-20 best on ImageNet")
     p.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(sim/T); 0.07 as DINO")
+    p.add_argument("--grayscale", action="store_true",
+                   help="bank and queries in grayscale: a diagnostic of how much of the score is colour, not the metric")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass; memory only")
     p.add_argument("--workers", type=int, default=2, help="DataLoader processes for decoding")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -212,11 +217,12 @@ def main(argv=None):
         raise SystemExit("error: give --ckpt PATH or --random-init")
     size = args.img_size or encoder.grid[0] * encoder.patch_size
     device = torch.device(args.device)
-    loaders = [torch.utils.data.DataLoader(ImageFolder(os.path.join(args.data, split), CenterCrop(size)),
+    loaders = [torch.utils.data.DataLoader(ImageFolder(os.path.join(args.data, split), CenterCrop(size, args.grayscale)),
                                            batch_size=args.batch_size, num_workers=args.workers)
                for split in ("train", "val")]
     top1, top5 = knn_evaluate(encoder.to(device), *loaders, device, k=args.k, temperature=args.temperature)
-    print(f"kNN (k={args.k}, T={args.temperature}) on {args.data}: top-1 {top1:.2f}%  top-5 {top5:.2f}%")
+    where = args.data + (" in grayscale" if args.grayscale else "")
+    print(f"kNN (k={args.k}, T={args.temperature}) on {where}: top-1 {top1:.2f}%  top-5 {top5:.2f}%")
     print(f"summary: knn_top1={top1:.2f} knn_top5={top5:.2f}")
 
 

@@ -576,6 +576,15 @@ def test_center_crop_transform():
     torch.testing.assert_close(eval_knn.CenterCrop(16)(same), eval_knn.to_tensor(same))
 
 
+def test_grayscale_transform_is_luma_in_every_channel():
+    rgb = np.random.default_rng(1).integers(0, 255, (16, 16, 3)).astype(np.uint8)
+    out = eval_knn.CenterCrop(16, grayscale=True)(Image.fromarray(rgb))
+    pixels = out * eval_knn.STD[:, None, None] + eval_knn.MEAN[:, None, None]  # back to [0, 1]
+    luma = (rgb.astype(np.float64) @ [0.299, 0.587, 0.114]) / 255.0  # the ITU-R 601-2 weights, by hand
+    for channel in pixels:
+        np.testing.assert_allclose(channel.numpy(), luma, atol=1 / 255 + 1e-5)
+
+
 def knn_folder(root):
     """train/ and val/ with two classes that differ in brightness."""
     rng = np.random.default_rng(0)
