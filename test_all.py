@@ -409,14 +409,14 @@ def test_step_batches_split_global_batch_across_ranks():
 
 def test_ddp_two_processes_match_one_process(tmp_path):
     data = make_folder(str(tmp_path / "data"), n_per_class=8)
-    common = ["--data", data, "--steps", "3", "--seed", "3", *TINY]
+    common = ["--data", data, "--steps", "3", "--seed", "3", "--rgb-aux", "0.1", *TINY]  # every trained module
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                     os.path.join(HERE, "train.py"), *common, "--batch-size", "4", "--device", "cpu",
                     "--out", str(tmp_path / "ddp")], check=True, env=env, cwd=HERE, capture_output=True)
     train.main([*common, "--batch-size", "8", "--device", "cpu", "--out", str(tmp_path / "one")])  # same device as the DDP run
     ddp, one = load(tmp_path / "ddp" / "latest.pt"), load(tmp_path / "one" / "latest.pt")
-    for part in ("encoder", "predictor", "target_encoder"):
+    for part in ("encoder", "predictor", "target_encoder", "rgb_head"):
         for k, v in one[part].items():
             torch.testing.assert_close(ddp[part][k], v, atol=1e-5, rtol=1e-4)
 

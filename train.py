@@ -388,11 +388,13 @@ def main(argv=None):
         start, reference = ckpt["step"], ckpt.get("monitor_reference")  # the collapse monitor keeps its step-0 yardstick
         log(f"resumed from {ckpt_path} at step {start}")
 
-    raw_encoder, raw_predictor = encoder, predictor  # unwrapped: what EMA reads and checkpoints store
+    raw_encoder, raw_predictor, raw_rgb_head = encoder, predictor, rgb_head  # unwrapped: what EMA reads and checkpoints store
     if ddp:  # only the trained modules are wrapped; the EMA target never is
         ids = [device.index] if device.type == "cuda" else None
         encoder = torch.nn.parallel.DistributedDataParallel(encoder, device_ids=ids)
         predictor = torch.nn.parallel.DistributedDataParallel(predictor, device_ids=ids)
+        if rgb_head is not None:  # a trained module too: unwrapped, its gradients would differ between processes
+            rgb_head = torch.nn.parallel.DistributedDataParallel(rgb_head, device_ids=ids)
     if args.compile:
         encoder, predictor = torch.compile(encoder, dynamic=True), torch.compile(predictor, dynamic=True)
 
@@ -486,7 +488,7 @@ def main(argv=None):
                 "target_encoder": target_encoder.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "step": done, "epoch": done // steps_per_epoch, "config": config,
                 "args": vars(args), "rng": rng_states(), "monitor_reference": reference,
-                **({"rgb_head": rgb_head.state_dict()} if rgb_head is not None else {})})
+                **({"rgb_head": raw_rgb_head.state_dict()} if rgb_head is not None else {})})
         t_last = time.perf_counter()  # the next interval is data + step only, not kNN, logging or saving
 
     # ---- the end: kNN of the trained target encoder against a random-init encoder of the same shape
