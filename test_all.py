@@ -710,8 +710,8 @@ def test_invariance_and_target_layers_run(tmp_path):
 
 def test_small_preset_fills_only_unset_flags():
     args = train.get_args(["--data", "somewhere", "--preset", "small", "--invariance", "2"])
-    assert (args.model, args.depth, args.epochs, args.steps, args.loss, args.target_layers, args.view_size) == \
-        ("vit_tiny", 4, 25, None, "l2", 4, 16)
+    assert (args.model, args.depth, args.epochs, args.steps, args.loss, args.target_layers, args.view_size, args.rgb_aux) == \
+        ("vit_tiny", 4, 25, None, "l2", 4, 16, 1.0)
     assert args.invariance == 2 and args.view_color == 0  # an explicit flag beats the preset
     plain = train.get_args(["--data", "somewhere"])  # the official recipe keeps every departure off
-    assert (plain.invariance, plain.target_layers, plain.loss, plain.vicreg) == (0, 1, "smooth_l1", 0)
+    assert (plain.invariance, plain.target_layers, plain.loss, plain.vicreg, plain.rgb_aux) == (0, 1, "smooth_l1", 0, 0)
