@@ -430,7 +430,8 @@ def run_train(*args, **kw):
 
 def test_kill_and_resume_gives_same_weights(tmp_path):
     data = make_folder(str(tmp_path / "data"), n_per_class=10)
-    common = ["--data", data, "--steps", "12", "--batch-size", "4", "--save-every", "2", *TINY, "--workers", "2"]
+    common = ["--data", data, "--steps", "12", "--batch-size", "4", "--save-every", "2", *TINY, "--workers", "2",
+              "--rgb-aux", "0.1"]  # the small preset's pixel head resumes too
     assert run_train(*common, "--out", str(tmp_path / "full")).returncode == 0
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *common, "--out", str(out)], cwd=HERE,
@@ -443,7 +444,7 @@ def test_kill_and_resume_gives_same_weights(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     full, again = load(tmp_path / "full" / "latest.pt"), load(out / "latest.pt")
     assert again["step"] == 12
-    for part in ("encoder", "predictor", "target_encoder"):
+    for part in ("encoder", "predictor", "target_encoder", "rgb_head"):
         assert max((full[part][k] - again[part][k]).abs().max().item() for k in full[part]) <= 1e-6
     assert again["monitor_reference"] == full["monitor_reference"]  # the collapse monitor's step-0 yardstick survives
 
