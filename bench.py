@@ -1,12 +1,14 @@
 """Speed of the I-JEPA training step, the mask sampler and the data pipeline, against the machine's own peak.
 
-    python bench.py --model vit_tiny --img-size 64 --patch-size 8 --batch-size 32 --pred-depth 6 --pred-dim 96 --dtype bfloat16
+    python bench.py --model vit_tiny --img-size 64 --patch-size 8 --batch-size 32 --pred-depth 6 --pred-dim 96 --vicreg 0
+    python bench.py --preset small --data somewhere       # any train.py flags: the step of that run
 
-Times, after warm-up, the median of: the full step exactly as train.py runs it (target forward,
-context encoder, predictor, loss, backward, AdamW, EMA) with the default masks; sample_masks for
-the batch; and decode + random-resized-crop + collate of generated 500x375 JPEGs in one process.
-FLOPs come from torch.utils.flop_counter (averaged over batches: context lengths vary); the peak is
-a dense matmul of the same dtype measured in the same run, so MFU = achieved / measured peak.
+Takes train.py's own flags (the preset in force included) and times, after warm-up, the median of:
+`train.train_step`, the very function train.py's loop calls (target forward, context encoder,
+predictor, loss, backward, AdamW, EMA), on random images with the run's masks; sample_masks for the
+batch; and decode + random-resized-crop + collate of generated 500x375 JPEGs in one process. FLOPs
+come from torch.utils.flop_counter (averaged over batches: context lengths vary); the peak is a dense
+matmul of the same dtype measured in the same run, so MFU = achieved / measured peak.
 """
 import argparse
 import os
@@ -16,16 +18,12 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-import models
+import data
 import train
-from ema import ema_update, make_target
-from eval_knn import ImageFolder
-from losses import jepa_loss
-from masks import apply_masks, sample_masks
+from masks import sample_masks
 
 
 def sync(device):
@@ -53,48 +51,32 @@ def matmul_peak_tflops(device, dtype):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="vit_tiny", choices=list(models.VIT_CONFIGS))
-    p.add_argument("--depth", type=int, default=None, help="encoder depth override, as train.py")
-    p.add_argument("--img-size", type=int, default=64)
-    p.add_argument("--patch-size", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--pred-depth", type=int, default=6)
-    p.add_argument("--pred-dim", type=int, default=96)
-    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"], help="default as train.py")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--compile", action="store_true", help="torch.compile encoder and predictor (dynamic shapes)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
-    args = p.parse_args()
-    device = torch.device(args.device)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0] + " Other flags are train.py's.")
+    p.add_argument("--repeats", type=int, default=10, help="timed steps (the median is reported)")
+    own, rest = p.parse_known_args()
+    args = train.get_args(rest)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = train.autocast_dtype(device, args.dtype)
     args.dtype = str(dtype).removeprefix("torch.")
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     torch.manual_seed(0)
-    config = train.model_config(args)
-    encoder = models.VisionTransformer(**config["encoder"]).to(device)
-    predictor = models.VisionTransformerPredictor(**config["predictor"]).to(device)
-    target_encoder = make_target(encoder)
-    optimizer = train.make_optimizer([p for m in (encoder, predictor) for p in m.parameters()], 1e-4, 0.05)
-    ctx_encoder, pred_net = encoder, predictor
+    nets, optimizer, _ = train.build(args, device)
     if args.compile:
-        ctx_encoder, pred_net = torch.compile(encoder, dynamic=True), torch.compile(predictor, dynamic=True)
+        nets.encoder, nets.predictor = (torch.compile(m, dynamic=True) for m in (nets.encoder, nets.predictor))
     grid, B = args.img_size // args.patch_size, args.batch_size
+    mask_kw = dict(num_targets=args.num_targets, target_scale=tuple(args.target_scale), min_keep=args.min_keep,
+                   target_aspect=tuple(args.target_aspect), context_scale=tuple(args.context_scale))
     imgs = torch.randn(B, 3, args.img_size, args.img_size, device=device)
     mask_gen, ctx_tokens = torch.Generator().manual_seed(0), []
 
-    def step():  # the loop body of train.py with default flags
-        masks_ctx, masks_tgt = (m.to(device) for m in sample_masks(B, grid, generator=mask_gen))
+    def step():  # one iteration of train.py's loop, minus data loading and logging
+        masks_ctx, masks_tgt = (m.to(device) for m in sample_masks(B, (grid, grid), generator=mask_gen, **mask_kw))
         ctx_tokens.append(masks_ctx.shape[1])
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            with torch.no_grad():
-                feats = target_encoder(imgs)
-                targets = apply_masks(F.layer_norm(feats, feats.shape[-1:]), masks_tgt)
-            loss = jepa_loss(pred_net(ctx_encoder(imgs, masks_ctx), masks_ctx, masks_tgt), targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        ema_update(target_encoder, encoder, 0.996)
-        return loss.item()
+        view = None
+        if args.invariance > 0:
+            view = data.random_view(imgs, torch.rand(B, 5, generator=mask_gen).to(device), args.view_size)
+        return train.train_step(nets, optimizer, scaler, autocast, imgs, masks_ctx, masks_tgt, 0.996, args, view)
 
     flops = []
     for _ in range(3):
@@ -105,8 +87,8 @@ def main():
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     ctx_tokens.clear()
-    step_ms = median_ms(step, device, args.steps)
-    mask_ms = median_ms(lambda: sample_masks(B, grid, generator=mask_gen), torch.device("cpu"), 20)
+    step_ms = median_ms(step, device, own.repeats)
+    mask_ms = median_ms(lambda: sample_masks(B, (grid, grid), generator=mask_gen, **mask_kw), torch.device("cpu"), 20)
     peak = matmul_peak_tflops(device, dtype)
     tflops = gflop / step_ms
     mem = train.peak_mem_mb(device)
@@ -116,9 +98,9 @@ def main():
         os.makedirs(os.path.join(root, "c"))
         for i in range(B):
             Image.fromarray(rng.integers(0, 255, (375, 500, 3), dtype=np.uint8)).save(os.path.join(root, "c", f"{i}.jpg"), quality=90)
-        data = ImageFolder(root, train.RandomResizedCrop(args.img_size, seed=0))
+        images = data.ImageFolder(root, data.RandomResizedCrop(args.img_size, seed=0))
         batch = [(i, 0) for i in range(B)]
-        data_ms = median_ms(lambda: torch.utils.data.default_collate([data[item] for item in batch]), torch.device("cpu"), 5)
+        data_ms = median_ms(lambda: torch.utils.data.default_collate([images[item] for item in batch]), torch.device("cpu"), 5)
 
     img_s = B / step_ms * 1000
     print(f"{args.model}/{args.patch_size} at {args.img_size}px, batch {B}, predictor {args.pred_depth}x{args.pred_dim}, "

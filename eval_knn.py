@@ -12,96 +12,12 @@ The official release ships no evaluation code.
 import argparse
 import os
 import pickle
-import sys
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 import models
-
-MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])  # ImageNet, as official
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-
-
-# ------------------------------------------------------------------------------------------ images
-
-def to_tensor(img):
-    """PIL RGB image -> normalised float tensor (3, H, W)."""
-    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
-    return (x - MEAN[:, None, None]) / STD[:, None, None]
-
-
-class CenterCrop:
-    """Evaluation transform: resize the shorter side to `size` (bicubic), then take the central
-    size x size square; an image already at that size passes unchanged. With grayscale=True the
-    image is first reduced to its luma (PIL's ITU-R 601-2 weights) and copied to all three channels."""
-
-    def __init__(self, size, grayscale=False):
-        self.size, self.grayscale = size, grayscale
-
-    def __call__(self, img, key=None):
-        if self.grayscale:
-            img = img.convert("L").convert("RGB")
-        w, h = img.size
-        if (w, h) != (self.size, self.size):
-            s = self.size / min(w, h)
-            w, h = max(self.size, round(w * s)), max(self.size, round(h * s))
-            left, top = (w - self.size) // 2, (h - self.size) // 2
-            img = img.resize((w, h), Image.BICUBIC).crop((left, top, left + self.size, top + self.size))
-        return to_tensor(img)
-
-
-class ImageFolder(torch.utils.data.Dataset):
-    """ROOT/<class>/<image> tree. Files that are not images, or fail to decode, are skipped with one
-    warning line naming each; every image mode (L, RGBA, CMYK, P, ...) is converted to RGB.
-
-    Items are indices or (index, epoch) pairs; transform(img, (epoch, index)) -> tensor, so that
-    train.py can make each random crop a function of (seed, epoch, index) alone."""
-
-    def __init__(self, root, transform):
-        if not os.path.isdir(root):
-            raise SystemExit(f"error: data folder {root} does not exist")
-        self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
-        self.root, self.samples, self.transform, self.warned = root, [], transform, set()
-        for label, cls in enumerate(self.classes):
-            for dirpath, _, files in sorted(os.walk(os.path.join(root, cls))):
-                for f in sorted(files):
-                    path = os.path.join(dirpath, f)
-                    if os.path.splitext(f)[1].lower() in IMAGE_EXTS:
-                        self.samples.append((path, label))
-                    elif not f.startswith("."):
-                        self.warn(path, "not an image file")
-        if not self.samples:
-            raise SystemExit(f"error: no images found under {root} (expected ROOT/<class>/<image>)")
-        self.targets = [label for _, label in self.samples]
-
-    def warn(self, path, why):
-        if path not in self.warned:
-            self.warned.add(path)
-            print(f"warning: skipping {path}: {why}", file=sys.stderr, flush=True)
-
-    def load(self, index):
-        """Decode sample `index`, or the next readable one after it (skipping broken files)."""
-        for i in range(len(self.samples)):
-            path, label = self.samples[(index + i) % len(self.samples)]
-            if path in self.warned:
-                continue
-            try:
-                with Image.open(path) as img:
-                    return img.convert("RGB"), label
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-                self.warn(path, f"{type(e).__name__}: {e}")
-        raise SystemExit(f"error: no readable image in {self.root}: every file failed to decode")
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, item):
-        index, epoch = item if isinstance(item, tuple) else (item, 0)
-        img, label = self.load(index)
-        return self.transform(img, (epoch, index)), label
+from data import CenterCrop, ImageFolder
 
 
 # ------------------------------------------------------------------------------------ checkpoints
@@ -193,13 +109,14 @@ def main(argv=None):
                    help="which encoder: the paper evaluates the target (EMA) encoder")
     p.add_argument("--random-init", action="store_true", help="evaluate an untrained encoder: the control")
     p.add_argument("--model", default="vit_tiny", help="with --random-init (or to force an official file's shape)")
-    p.add_argument("--depth", type=int, default=None, help="with --random-init: encoder depth if not the model's (as train.py --depth)")
+    p.add_argument("--depth", type=int, default=None,
+                   help="with --random-init: encoder depth if not the model's (as train.py --depth)")
     p.add_argument("--patch-size", type=int, default=None, help="with --random-init (default 16) or an official file")
     p.add_argument("--img-size", type=int, default=None, help="evaluation size (default: the size trained at)")
     p.add_argument("--k", type=int, default=20, help="neighbours; 20 as DINO, which found 10-20 best on ImageNet")
     p.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(sim/T); 0.07 as DINO")
     p.add_argument("--grayscale", action="store_true",
-                   help="bank and queries in grayscale: a diagnostic of how much of the score is colour, not the metric")
+                   help="bank and queries in grayscale: a diagnostic of how much of the score is colour")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass; memory only")
     p.add_argument("--workers", type=int, default=2, help="DataLoader processes for decoding")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -217,9 +134,8 @@ def main(argv=None):
         raise SystemExit("error: give --ckpt PATH or --random-init")
     size = args.img_size or encoder.grid[0] * encoder.patch_size
     device = torch.device(args.device)
-    loaders = [torch.utils.data.DataLoader(ImageFolder(os.path.join(args.data, split), CenterCrop(size, args.grayscale)),
-                                           batch_size=args.batch_size, num_workers=args.workers)
-               for split in ("train", "val")]
+    sets = [ImageFolder(os.path.join(args.data, split), CenterCrop(size, args.grayscale)) for split in ("train", "val")]
+    loaders = [torch.utils.data.DataLoader(s, batch_size=args.batch_size, num_workers=args.workers) for s in sets]
     top1, top5 = knn_evaluate(encoder.to(device), *loaders, device, k=args.k, temperature=args.temperature)
     where = args.data + (" in grayscale" if args.grayscale else "")
     print(f"kNN (k={args.k}, T={args.temperature}) on {where}: top-1 {top1:.2f}%  top-5 {top5:.2f}%")
