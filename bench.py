@@ -1,7 +1,8 @@
 """Speed of the I-JEPA training step, the mask sampler and the data pipeline, against the machine's own peak.
 
-    python bench.py --model vit_tiny --img-size 64 --patch-size 8 --batch-size 32 --pred-depth 6 --pred-dim 96 --vicreg 0
-    python bench.py --preset small --data somewhere       # any train.py flags: the step of that run
+    python bench.py --preset imagenet --model vit_tiny --img-size 64 --patch-size 8 --batch-size 32 \
+        --pred-depth 6 --pred-dim 96 --dtype bfloat16     # config (A) of RESULTS.md
+    python bench.py --preset small               # any train.py flags: the step that run would take
 
 Takes train.py's own flags (the preset in force included) and times, after warm-up, the median of:
 `train.train_step`, the very function train.py's loop calls (target forward, context encoder,
@@ -97,13 +98,16 @@ def main():
         rng = np.random.default_rng(0)
         os.makedirs(os.path.join(root, "c"))
         for i in range(B):
-            Image.fromarray(rng.integers(0, 255, (375, 500, 3), dtype=np.uint8)).save(os.path.join(root, "c", f"{i}.jpg"), quality=90)
+            pixels = rng.integers(0, 255, (375, 500, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(os.path.join(root, "c", f"{i}.jpg"), quality=90)
         images = data.ImageFolder(root, data.RandomResizedCrop(args.img_size, seed=0))
         batch = [(i, 0) for i in range(B)]
-        data_ms = median_ms(lambda: torch.utils.data.default_collate([images[item] for item in batch]), torch.device("cpu"), 5)
+        collate = torch.utils.data.default_collate
+        data_ms = median_ms(lambda: collate([images[item] for item in batch]), torch.device("cpu"), 5)
 
     img_s = B / step_ms * 1000
-    print(f"{args.model}/{args.patch_size} at {args.img_size}px, batch {B}, predictor {args.pred_depth}x{args.pred_dim}, "
+    print(f"{args.model}/{args.patch_size} at {args.img_size}px, batch {B}, "
+          f"predictor {args.pred_depth}x{args.pred_dim}, "
           f"{args.dtype} on {device}{' compiled' if args.compile else ''}")
     print(f"step        {step_ms:8.1f} ms  {img_s:8.1f} img/s  {gflop:.1f} GFLOP/step  {tflops:.3f} TFLOP/s  "
           f"MFU {tflops / peak:.1%} of {peak:.2f} TFLOP/s measured matmul peak")

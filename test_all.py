@@ -372,7 +372,8 @@ def test_demo_data_is_deterministic_and_sized():
 def test_no_gradient_reaches_target(tmp_path):
     # with momentum fixed at 1 the target may only change through gradients, and it must not
     data = make_folder(str(tmp_path / "data"))
-    train.main(["--data", data, "--steps", "2", "--batch-size", "4", "--ema", "1", "1", "--out", str(tmp_path / "o"), *TINY])
+    train.main(["--data", data, "--steps", "2", "--batch-size", "4", "--ema", "1", "1", "--out", str(tmp_path / "o"),
+                *TINY])
     ckpt = load(tmp_path / "o" / "latest.pt")
     torch.manual_seed(0)
     init = models.VisionTransformer(**ckpt["config"]["encoder"]).state_dict()
@@ -415,7 +416,8 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                     os.path.join(HERE, "train.py"), *common, "--batch-size", "4", "--device", "cpu",
                     "--out", str(tmp_path / "ddp")], check=True, env=env, cwd=HERE, capture_output=True)
-    train.main([*common, "--batch-size", "8", "--device", "cpu", "--out", str(tmp_path / "one")])  # same device as the DDP run
+    # the reference: one process with twice the batch, on the same device as the DDP run
+    train.main([*common, "--batch-size", "8", "--device", "cpu", "--out", str(tmp_path / "one")])
     ddp, one = load(tmp_path / "ddp" / "latest.pt"), load(tmp_path / "one" / "latest.pt")
     for part in ("encoder", "predictor", "target_encoder", "rgb_head"):
         for k, v in one[part].items():
@@ -477,7 +479,8 @@ def test_pickled_object_in_checkpoint_is_refused_without_running(tmp_path):
 
 def test_resume_errors(tmp_path):
     data = make_folder(str(tmp_path / "data"))
-    r = run_train("--data", data, "--steps", "1", "--batch-size", "4", "--out", str(tmp_path / "none"), "--resume", *TINY)
+    r = run_train("--data", data, "--steps", "1", "--batch-size", "4", "--out", str(tmp_path / "none"), "--resume",
+                  *TINY)
     assert r.returncode != 0 and "no checkpoint" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     train.main(["--data", data, "--steps", "1", "--batch-size", "4", "--out", str(tmp_path / "o"), *TINY])
     with pytest.raises(SystemExit, match="another architecture"):
@@ -601,10 +604,11 @@ def knn_folder(root):
 
 def test_official_format_checkpoint_gives_same_accuracy(tmp_path, capsys):
     data = knn_folder(str(tmp_path / "data"))
-    train.main(["--data", os.path.join(data, "train"), "--steps", "1", "--batch-size", "4", "--out", str(tmp_path / "o"),
-                *TINY])
+    train.main(["--data", os.path.join(data, "train"), "--steps", "1", "--batch-size", "4",
+                "--out", str(tmp_path / "o"), *TINY])
     ours = load(tmp_path / "o" / "latest.pt")
-    official = {part: {"module." + k: v for k, v in ours[part].items()} for part in ("encoder", "predictor", "target_encoder")}
+    official = {part: {"module." + k: v for k, v in ours[part].items()}
+                for part in ("encoder", "predictor", "target_encoder")}
     torch.save({**official, "epoch": 1}, tmp_path / "official.pth.tar")
     results = []
     for ckpt in (tmp_path / "o" / "latest.pt", tmp_path / "official.pth.tar"):
@@ -636,8 +640,8 @@ def test_shared_target_collapses_and_default_does_not(tmp_path):
 
 
 def test_rgb_aux_and_frozen_target_run(tmp_path):
-    summary = train.main(["--data", "demo", "--steps", "2", "--batch-size", "8", "--rgb-aux", "0.1", "--target", "frozen",
-                          *TINY, "--out", str(tmp_path)])
+    summary = train.main(["--data", "demo", "--steps", "2", "--batch-size", "8", "--rgb-aux", "0.1",
+                          "--target", "frozen", *TINY, "--out", str(tmp_path)])
     ckpt = load(tmp_path / "latest.pt")
     assert "rgb_head" in ckpt and math.isfinite(summary["loss"])
     torch.manual_seed(0)
@@ -687,14 +691,15 @@ def test_target_layers_average_matches_loop():
 def test_invariance_and_target_layers_run(tmp_path):
     common = ["--data", "demo", "--steps", "2", "--batch-size", "8", *TINY]
     plain = train.main([*common, "--out", str(tmp_path / "plain")])
-    both = train.main([*common, "--invariance", "1", "--view-size", "16", "--target-layers", "2", "--out", str(tmp_path / "both")])
+    both = train.main([*common, "--invariance", "1", "--view-size", "16", "--target-layers", "2",
+                       "--out", str(tmp_path / "both")])
     assert math.isfinite(both["loss"]) and both["loss"] != plain["loss"]
 
 
 def test_small_preset_fills_only_unset_flags():
     args = train.get_args(["--data", "somewhere", "--preset", "small", "--invariance", "2"])
-    assert (args.model, args.depth, args.epochs, args.steps, args.loss, args.target_layers, args.view_size, args.rgb_aux) == \
-        ("vit_tiny", 4, 25, None, "l2", 4, 16, 1.0)
+    got = (args.model, args.depth, args.epochs, args.steps, args.loss, args.target_layers, args.view_size, args.rgb_aux)
+    assert got == ("vit_tiny", 4, 25, None, "l2", 4, 16, 1.0)
     assert args.invariance == 2  # an explicit flag beats the preset
     plain = train.get_args(["--data", "somewhere"])  # the official recipe keeps every departure off
     assert (plain.invariance, plain.target_layers, plain.loss, plain.vicreg, plain.rgb_aux) == (0, 1, "smooth_l1", 0, 0)

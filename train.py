@@ -51,6 +51,11 @@ SMALL = dict(DEMO, steps=None, epochs=25, warmup=3, loss="l2", invariance=5.0, v
 PRESETS = {"imagenet": IMAGENET, "demo": DEMO, "small": SMALL}
 
 
+class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # the preset's value where there is one; nothing for "unset"
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def get_args(argv=None):
     first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # which preset fills the defaults
     first.add_argument("--data", default="demo")
@@ -61,7 +66,7 @@ def get_args(argv=None):
 
     p = argparse.ArgumentParser(description="I-JEPA pre-training. Defaults shown are those of the preset in force "
                                 f"(here '{preset}'); `--preset small --help` shows another's.", allow_abbrev=False,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpWithDefaults)
     g = p.add_argument_group("data and model")
     g.add_argument("--data", help="'demo' (built in) or an ImageFolder ROOT; ROOT/train is used if present")
     g.add_argument("--val-data", help="kNN queries (default ROOT/val if present); the bank is the training set")
@@ -438,8 +443,9 @@ def main(argv=None):
             reference = reference or stats
             step_s = timed_s / max(timed_steps, 1)
             img_s = B * world / step_s if timed_steps else float("nan")
+            speed = f"{img_s:.0f} img/s ETA {(total - done) * step_s / 60:.1f} min" if timed_steps else "timing..."
             log(f"step {done}/{total} ep {step // steps_per_epoch} loss {loss_value:.4f} lr {lr:.2e} wd {wd:.3f} "
-                f"mom {m:.4f} | {img_s:.0f} img/s ETA {(total - done) * step_s / 60:.1f} min "
+                f"mom {m:.4f} | {speed} "
                 f"mem {peak_mem_mb(device):.0f}MB | std {stats['std_mean']:.3f} (min {stats['std_min']:.3f}) "
                 f"rank {stats['eff_rank']:.1f}" + (f" | kNN {knn[0]:.1f}%" if knn else ""), flush=True)
             if master:
