@@ -210,6 +210,8 @@ def make_datasets(data, img_size, seed, val_data=None):
     root = os.path.join(data, "train") if os.path.isdir(os.path.join(data, "train")) else data
     train = ImageFolder(root, RandomResizedCrop(img_size, seed))
     train.load(0)  # fails now, in one line, if no file in the folder decodes
+    if val_data and not os.path.isdir(val_data):
+        raise SystemExit(f"error: --val-data {val_data} is not a folder")
     val_root = val_data or os.path.join(data, "val")
     if not os.path.isdir(val_root):
         return train, None, None

@@ -311,9 +311,12 @@ def test_effective_rank_separates_full_from_rank_one():
 
 # ----------------------------------------------------------------------------------------------- train
 
+import csv
 import os
+import signal
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -703,3 +706,112 @@ def test_small_preset_fills_only_unset_flags():
     assert args.invariance == 2  # an explicit flag beats the preset
     plain = train.get_args(["--data", "somewhere"])  # the official recipe keeps every departure off
     assert (plain.invariance, plain.target_layers, plain.loss, plain.vicreg, plain.rgb_aux) == (0, 1, "smooth_l1", 0, 0)
+
+
+# ------------------------------------------------------------------------------- never lose a run
+
+SIGNAL_RUN = ["--steps", "40", "--batch-size", "4", "--save-every", "10", "--knn-every", "0", *TINY, "--log-every", "5"]
+
+
+def log_rows(path):
+    """log.csv without its img_per_s column (a timing, different in every run)."""
+    return [row[:6] + row[7:] for row in csv.reader(open(path))]
+
+
+def test_same_command_twice_refuses_and_leaves_the_run_untouched(tmp_path):
+    data = make_folder(str(tmp_path / "data"))
+    args = ["--data", data, "--steps", "2", "--batch-size", "4", "--out", str(tmp_path / "o"), *TINY]
+    train.main(args)
+    before = {f: open(tmp_path / "o" / f, "rb").read() for f in ("latest.pt", "log.csv")}
+    r = run_train(*args)
+    assert r.returncode != 0 and "step 2" in r.stderr and "--resume" in r.stderr and "--out" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert before == {f: open(tmp_path / "o" / f, "rb").read() for f in ("latest.pt", "log.csv")}
+
+
+def test_auto_resume_starts_then_continues(tmp_path):
+    data = make_folder(str(tmp_path / "data"))
+    args = ["--data", data, "--batch-size", "4", "--out", str(tmp_path / "o"), "--auto-resume", *TINY]
+    assert train.main([*args, "--steps", "2"])["steps"] == 2  # nothing to resume: it starts
+    assert train.main([*args, "--steps", "3"])["steps"] == 1  # the same line again: it continues from step 2
+    assert load(tmp_path / "o" / "latest.pt")["step"] == 3
+
+
+def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(tmp_path):
+    common = ["--data", make_folder(str(tmp_path / "data"), n_per_class=10), *SIGNAL_RUN]
+    train.main([*common, "--out", str(tmp_path / "full")])
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *common, "--out", str(out)], cwd=HERE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    while not (out / "latest.pt").exists() and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # a real signal to a real process, mid-run
+    stdout, stderr = proc.communicate()
+    assert proc.returncode == train.STOPPED_BY_SIGNAL and "stopped by a signal" in stdout, stderr
+    stopped_at = load(out / "latest.pt")["step"]
+    assert 10 <= stopped_at < 40
+    assert run_train(*common, "--out", str(out), "--auto-resume").returncode == 0
+    full, again = load(tmp_path / "full" / "latest.pt"), load(out / "latest.pt")
+    for part in ("encoder", "predictor", "target_encoder"):
+        assert max((full[part][k] - again[part][k]).abs().max().item() for k in full[part]) <= 1e-6
+    assert log_rows(out / "log.csv") == log_rows(tmp_path / "full" / "log.csv")  # no row twice, none missing
+
+
+def test_torchrun_stopped_by_sigterm_resumes(tmp_path):
+    common = ["--data", make_folder(str(tmp_path / "data"), n_per_class=10), *SIGNAL_RUN, "--seed", "2"]
+    ddp = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", os.path.join(HERE, "train.py"),
+           *common, "--batch-size", "2", "--device", "cpu", "--out", str(tmp_path / "ddp")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, *ddp], cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    while not (tmp_path / "ddp" / "latest.pt").exists() and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # torchrun passes it on to every worker
+    proc.communicate()
+    assert 10 <= load(tmp_path / "ddp" / "latest.pt")["step"] < 40
+    subprocess.run([sys.executable, *ddp, "--resume"], cwd=HERE, env=env, check=True, capture_output=True)
+    train.main([*common, "--device", "cpu", "--out", str(tmp_path / "one")])  # one process, the whole batch
+    ddp_ckpt, one = load(tmp_path / "ddp" / "latest.pt"), load(tmp_path / "one" / "latest.pt")
+    assert ddp_ckpt["step"] == 40
+    for part in ("encoder", "predictor", "target_encoder"):
+        for k, v in one[part].items():
+            torch.testing.assert_close(ddp_ckpt[part][k], v, atol=1e-5, rtol=1e-4)
+
+
+FUZZ = {"--depth": ["0", "1", "2"], "--pred-dim": ["48", "32", "50", "0"], "--pred-depth": ["0", "1"],
+        "--batch-size": ["0", "1", "4", "500"], "--img-size": ["32", "16", "30"], "--patch-size": ["8", "4", "0"],
+        "--steps": ["0", "1", "2"], "--lr": ["-1", "0", "1e-3"], "--num-targets": ["0", "1", "9"],
+        "--target-scale": [["0.1", "0.2"], ["0.5", "1.5"], ["0", "0.1"]], "--context-scale": [["0.1", "0.2"]],
+        "--min-keep": ["0", "4", "100"], "--ema": [["1.5", "1"], ["0.9", "0.99"]], "--target": ["shared", "frozen"],
+        "--loss": ["l2", "cosine"], "--vicreg": ["-1", "1"], "--invariance": ["1"], "--view-size": ["16", "12", "0"],
+        "--target-layers": ["0", "2", "13"], "--rgb-aux": ["0.1"], "--knn-every": ["1"], "--save-every": ["0"],
+        "--log-every": ["0"], "--warmup": ["-1", "0"], "--workers": ["-1"], "--teacher": ["nowhere.pt"],
+        "--val-data": ["/nonexistent/val"], "--dtype": ["bfloat16"]}
+
+
+def test_teacher_of_another_shape_and_vicreg_on_one_image_are_one_line(tmp_path):
+    data = make_folder(str(tmp_path / "data"))
+    base = ["--data", data, *TINY, "--steps", "1", "--batch-size", "4"]
+    train.main([*base, "--out", str(tmp_path / "teacher")])
+    for flags, names in ((["--target", "frozen", "--teacher", str(tmp_path / "teacher" / "latest.pt"), "--depth", "2"],
+                          "--teacher"), (["--batch-size", "1", "--vicreg", "1"], "--vicreg")):
+        with pytest.raises(SystemExit) as e:
+            train.main([*base, *flags, "--out", str(tmp_path / "o")])
+        assert str(e.value.code).startswith("error:") and names in str(e.value.code) and "\n" not in str(e.value.code)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_flag_fuzz_trains_or_fails_in_one_line(tmp_path, seed, capsys):
+    rng = np.random.default_rng(seed)
+    no_val = make_folder(str(tmp_path / "no_val"), n_per_class=6)  # 12 images, no val/: kNN flags must refuse
+    for trial in range(12):
+        argv = ["--data", no_val, *TINY, "--steps", "1", "--batch-size", "4", "--out", str(tmp_path / f"o{trial}")]
+        for flag in rng.choice(list(FUZZ), size=int(rng.integers(1, 5)), replace=False):
+            value = FUZZ[flag][int(rng.integers(len(FUZZ[flag])))]
+            argv += [flag, *([value] if isinstance(value, str) else value)]
+        try:
+            train.main(argv)
+        except SystemExit as e:
+            message = str(e.code)
+            assert message.startswith("error:") and "\n" not in message and "--" in message, (argv, message)
+        capsys.readouterr()

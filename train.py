@@ -14,6 +14,7 @@ import csv
 import math
 import os
 import resource
+import signal
 import time
 from types import SimpleNamespace
 
@@ -49,6 +50,7 @@ DEMO = dict(IMAGENET, model="vit_tiny", depth=4, img_size=32, patch_size=4, pred
 SMALL = dict(DEMO, steps=None, epochs=25, warmup=3, loss="l2", invariance=5.0, view_size=16, target_layers=4,
              rgb_aux=1.0)
 PRESETS = {"imagenet": IMAGENET, "demo": DEMO, "small": SMALL}
+STOPPED_BY_SIGNAL = 75  # the exit code after SIGTERM/SIGUSR1 (sysexits' EX_TEMPFAIL: "try again"); requeue on it
 
 
 class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
@@ -127,7 +129,9 @@ def get_args(argv=None):
     g.add_argument("--workers", type=int, help="DataLoader processes (JPEG decoding needs several per GPU)")
     g.add_argument("--seed", type=int, default=0, help="seeds weights, data order, crops and masks")
     g.add_argument("--out", default="runs/demo", help="directory for latest.pt and log.csv")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/latest.pt")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/latest.pt (an error if there is none)")
+    g.add_argument("--auto-resume", action="store_true", help="continue from OUT/latest.pt if it exists, else start: "
+                   "the one command line a scheduler or torchrun --max-restarts can re-run")
     g.add_argument("--save-every", type=int, default=500, help="steps between checkpoints")
     g.add_argument("--log-every", type=int, default=20, help="steps between log lines")
     g.add_argument("--knn-every", type=int, default=0, help="steps between kNN evaluations (0: only at the end)")
@@ -141,6 +145,28 @@ def check_args(args):
     """Flag combinations that cannot train fail here, in one line naming the flag."""
     if args.model not in models.VIT_CONFIGS:
         raise SystemExit(f"error: unknown --model {args.model}: choose from {', '.join(models.VIT_CONFIGS)}")
+    for flag in ("depth", "img_size", "patch_size", "pred_depth", "pred_dim", "batch_size", "epochs", "steps",
+                 "num_targets", "save_every", "log_every", "view_size"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise SystemExit(f"error: --{flag.replace('_', '-')} {getattr(args, flag)} must be at least 1")
+    for flag in ("lr", "start_lr", "final_lr", "warmup", "wd", "final_wd", "vicreg", "invariance", "rgb_aux",
+                 "min_keep", "knn_every", "workers", "seed"):
+        if getattr(args, flag) < 0:
+            raise SystemExit(f"error: --{flag.replace('_', '-')} {getattr(args, flag)} must not be negative")
+    if not all(0 <= m <= 1 for m in args.ema):
+        raise SystemExit(f"error: --ema {args.ema[0]} {args.ema[1]}: momenta must lie in [0, 1]")
+    heads = models.vit_config(args.model, args.depth)["num_heads"]
+    if args.pred_dim % heads or args.pred_dim % 4:  # attention splits it by heads; the sin-cos table needs 4 | d
+        raise SystemExit(f"error: --pred-dim {args.pred_dim} must be divisible by 4 and by --model {args.model}'s "
+                         f"{heads} heads (the predictor has as many heads as the encoder)")
+    if args.vicreg > 0 and args.batch_size < 2:
+        raise SystemExit(f"error: --vicreg {args.vicreg} needs --batch-size 2 or more (a variance over the batch)")
+    if args.teacher and args.target != "frozen":
+        raise SystemExit("error: --teacher needs --target frozen (the teacher is the frozen target)")
+    if args.resume and args.auto_resume:
+        raise SystemExit("error: give --resume or --auto-resume, not both")
+    if (args.device or "").startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {args.device}, but torch sees no CUDA device")
     if args.img_size % args.patch_size:
         raise SystemExit(f"error: --img-size {args.img_size} is not divisible by --patch-size {args.patch_size}")
     if args.view_size and args.view_size % args.patch_size:
@@ -257,7 +283,12 @@ def build(args, device):
     predictor = models.VisionTransformerPredictor(**config["predictor"]).to(device)
     target = encoder if args.target == "shared" else make_target(encoder)
     if args.teacher:
-        target.load_state_dict(load_encoder(args.teacher).state_dict())
+        teacher = load_encoder(args.teacher)
+        if teacher.state_dict().keys() != target.state_dict().keys() or any(
+                v.shape != target.state_dict()[k].shape for k, v in teacher.state_dict().items()):
+            raise SystemExit(f"error: --teacher {args.teacher} has another architecture than --model {args.model}"
+                             f" --depth {args.depth} at --img-size {args.img_size} / --patch-size {args.patch_size}")
+        target.load_state_dict(teacher.state_dict())
     # Off as the paper, whose claim is that latent targets suffice; on small data they alone let the
     # features trade the colour and layout that kNN reads for shape after ~4,000 steps (EXPERIMENTS.md).
     rgb_head = torch.nn.Linear(encoder.embed_dim, 3 * args.patch_size**2).to(device) if args.rgb_aux > 0 else None
@@ -343,6 +374,40 @@ def resume(path, nets, optimizer, scaler, config, args):
     return ckpt["step"], ckpt.get("monitor_reference")  # the collapse monitor keeps its step-0 yardstick
 
 
+def refuse_to_overwrite(path, args):
+    """A run directory is never destroyed by accident: a checkpoint there means resume or choose another --out.
+    With --auto-resume the same command line starts a run or continues it."""
+    exists = os.path.isfile(path)
+    if args.auto_resume:
+        args.resume = exists
+    elif exists and not args.resume:
+        step = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("step")
+        raise SystemExit(f"error: {path} already holds a run at step {step}: add --resume (or --auto-resume) to "
+                         "continue it, or give another --out")
+
+
+def trim_log(path, step):
+    """Keep log.csv's header and its rows up to `step`: the rows after the checkpoint are redone, so the log
+    ends as an uninterrupted run's would. Rewritten atomically, like the checkpoint."""
+    if not os.path.isfile(path):
+        return False
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    with open(path + ".tmp", "w", newline="") as f:
+        csv.writer(f).writerows(rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step])
+    os.replace(path + ".tmp", path)
+    return True
+
+
+def catch_stop_signals():
+    """SIGTERM (what schedulers send before killing a job) and SIGUSR1 (SLURM's --signal, sent early) ask
+    the loop to stop after the current step -> (the dict the handlers fill, the handlers to restore)."""
+    asked = {}
+    previous = {s: signal.signal(s, lambda signum, frame: asked.setdefault("signal", signum))
+                for s in (signal.SIGTERM, signal.SIGUSR1)}
+    return asked, previous
+
+
 def run_knn(encoder, bank_set, query_set, args, device, dtype):
     loaders = [torch.utils.data.DataLoader(s, batch_size=256, num_workers=args.workers) for s in (bank_set, query_set)]
     return knn_evaluate(encoder, *loaders, device, dtype)
@@ -374,6 +439,8 @@ def main(argv=None):
 
     # data, the length of the run, and the masks (bad mask flags fail here, in one line, not at step 1000)
     train_set, bank_set, query_set = data.make_datasets(args.data, args.img_size, args.seed, args.val_data)
+    if args.knn_every and bank_set is None:
+        raise SystemExit(f"error: --knn-every needs validation images: {args.data}/val or --val-data")
     B, steps_per_epoch = args.batch_size, len(train_set) // (args.batch_size * world)
     total = args.steps or args.epochs * steps_per_epoch
     warmup = min(int(args.warmup * steps_per_epoch), total // 2)
@@ -387,8 +454,10 @@ def main(argv=None):
 
     # models, optimizer, and the state to continue from
     nets, optimizer, config = build(args, device)
+    ckpt_path, log_path = os.path.join(args.out, "latest.pt"), os.path.join(args.out, "log.csv")
+    start, reference = 0, None
+    refuse_to_overwrite(ckpt_path, args)
     os.makedirs(args.out, exist_ok=True)
-    ckpt_path, start, reference = os.path.join(args.out, "latest.pt"), 0, None
     if args.resume:
         start, reference = resume(ckpt_path, nets, optimizer, scaler, config, args)
         log(f"resumed from {ckpt_path} at step {start}")
@@ -410,13 +479,15 @@ def main(argv=None):
         f"{total} steps, {args.dtype} on {device}, target={args.target}")
 
     # the loop: schedules, masks, one step, then the monitor, kNN, log and checkpoint
-    csv_file = open(os.path.join(args.out, "log.csv"), "a" if args.resume else "w", newline="") if master else None
+    old_log = master and args.resume and trim_log(log_path, start)
+    csv_file = open(log_path, "a" if old_log else "w", newline="") if master else None
     writer = csv.writer(csv_file) if master else None
-    if master and not args.resume:
+    if master and not old_log:
         writer.writerow(["step", "epoch", "loss", "lr", "wd", "momentum", "img_per_s", "std_mean", "std_min",
                          "eff_rank", "knn_top1"])
-    loss_value, stats, knn, timed_steps, timed_s, warnings = float("nan"), {}, None, 0, 0.0, 0
+    loss_value, stats, timed_steps, timed_s, warnings, stop = float("nan"), {}, 0, 0.0, 0, False
     t_last, step, t_start = time.perf_counter(), start, time.perf_counter()
+    asked, previous_handlers = catch_stop_signals()
     for step, (imgs, _) in enumerate(loader, start=start):
         lr, wd, m = lr_at(step, total, warmup, args), wd_at(step, total, args), momentum_at(step, total, *args.ema)
         for group in optimizer.param_groups:
@@ -436,9 +507,10 @@ def main(argv=None):
         done = step + 1
         if step - start >= 3:  # steady-state throughput: the first steps pay for warm-up and allocation
             timed_steps, timed_s = timed_steps + 1, timed_s + time.perf_counter() - t_last
-        if args.knn_every and done % args.knn_every == 0 and bank_set is not None and master:
+        knn = None
+        if args.knn_every and done % args.knn_every == 0 and master:
             knn = run_knn(nets.target, bank_set, query_set, args, device, dtype)
-        if done % args.log_every == 0 or done == total or step == start:  # the first row is the monitor's yardstick
+        if done % args.log_every == 0 or done == total or step == 0 or knn:  # step 0: the monitor's yardstick
             stats = collapse_stats(feats.mean(dim=1))
             reference = reference or stats
             step_s = timed_s / max(timed_steps, 1)
@@ -459,12 +531,25 @@ def main(argv=None):
                     f"(start {reference['eff_rank']:.2f})")
                 if args.stop_on_collapse:
                     raise SystemExit(f"error: stopped on collapse at step {done} (--stop-on-collapse)")
-        if master and (done % args.save_every == 0 or done == total):
+        stop = torch.tensor(float("signal" in asked), device=device)
+        if ddp:  # every rank stops after the same step (a tiny all-reduce a step), or the others would hang
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        if master and (done % args.save_every == 0 or done == total or stop):
             save_checkpoint(ckpt_path, checkpoint_state(nets, optimizer, scaler, done, steps_per_epoch, config, args,
                                                         reference))
+        if stop:
+            log(f"stopped by a signal after step {done}/{total}: {ckpt_path} holds it; the same command with "
+                f"--auto-resume (or --resume) continues exactly", flush=True)
+            break
         t_last = time.perf_counter()  # the next interval is data + step only, not kNN, logging or saving
 
     # the end: kNN of the trained target encoder against a random-init encoder of the same shape
+    for sig, handler in previous_handlers.items():
+        signal.signal(sig, handler)
+    if stop:
+        if ddp:
+            dist.destroy_process_group()
+        raise SystemExit(STOPPED_BY_SIGNAL)
     summary = dict(steps=step + 1 - start if total > start else 0, loss=loss_value,
                    img_per_s=B * world * timed_steps / max(timed_s, 1e-9), std_mean=stats.get("std_mean", math.nan),
                    eff_rank=stats.get("eff_rank", math.nan), peak_mem_mb=peak_mem_mb(device),
