@@ -1,12 +1,12 @@
-"""Weighted k-nearest-neighbour evaluation of frozen encoder features, for our checkpoints and the official ones.
+"""Frozen-feature evaluation: weighted kNN and a linear probe, for our checkpoints and the official ones.
 
-The paper reports linear probes; kNN on frozen features (Wu et al. 2018; DINO's eval_knn.py) needs
-no training, so it is the quick, honest check used during training and for the demo. Features are
-the encoder output average-pooled over patches (as the paper's probes) and L2-normalised; each query
-takes its k most similar training images and adds exp(similarity / T) to each neighbour's class.
-The official release ships no evaluation code.
+Features are the target encoder's output average-pooled over patches (as the paper's probes). kNN (Wu
+et al. 2018; DINO's eval_knn.py) needs no training, so it is the quick check used during training: each
+L2-normalised query takes its k most similar training images and adds exp(similarity / T) to each
+neighbour's class. The linear probe is the paper's headline metric, done the cheap, deterministic way
+(see `linear_probe`). The official release ships no evaluation code.
 
-    python eval_knn.py --ckpt runs/demo/latest.pt --data ./cifar10      # ROOT/train is the bank, ROOT/val the queries
+    python eval_knn.py --ckpt runs/cifar/latest.pt --data ./cifar10 --controls   # ROOT/train fits, ROOT/val scores
     python eval_knn.py --random-init --model vit_tiny --patch-size 4 --img-size 32 --data ./cifar10
 """
 import argparse
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import models
-from data import CenterCrop, ImageFolder
+from data import CenterCrop, ImageFolder, make_datasets
 
 
 # ------------------------------------------------------------------------------------ checkpoints
@@ -59,6 +59,7 @@ def load_encoder(path, which="target", patch_size=None):
     config = ckpt["config"]["encoder"] if "config" in ckpt else encoder_config_from_weights(state, patch_size)
     encoder = models.VisionTransformer(**config)
     encoder.load_state_dict(state)
+    encoder.config = config  # so that a random-init control of the same shape can be built
     return encoder
 
 
@@ -66,20 +67,21 @@ def load_encoder(path, which="target", patch_size=None):
 
 @torch.no_grad()
 def extract_features(encoder, loader, device, dtype=torch.float32):
-    """Average-pooled, L2-normalised encoder features: (n, D) float32 and labels (n,)."""
+    """Average-pooled encoder features: (n, D) float32 and labels (n,)."""
     encoder.eval()
     feats, labels = [], []
     for x, y in loader:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             z = encoder(x.to(device, non_blocking=True)).mean(dim=1)  # (B, N, D) -> (B, D)
-        feats.append(F.normalize(z.float(), dim=1).cpu())
+        feats.append(z.float().cpu())
         labels.append(torch.as_tensor(y))
     return torch.cat(feats), torch.cat(labels)
 
 
 def knn_classify(bank, bank_labels, queries, query_labels, k=20, temperature=0.07, chunk=1024):
-    """Weighted kNN top-1 / top-5 accuracy in percent. Queries go in chunks of `chunk`, so memory is
-    (chunk x bank size) whatever the number of queries; a query set smaller than a chunk is one chunk."""
+    """Weighted kNN top-1 / top-5 accuracy in percent of L2-normalised features. Queries go in chunks of
+    `chunk`, so memory is (chunk x bank size) whatever the number of queries."""
+    bank, queries = F.normalize(bank, dim=1), F.normalize(queries, dim=1)
     num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
     k = min(k, len(bank))
     top1 = top5 = 0
@@ -101,10 +103,75 @@ def knn_evaluate(encoder, bank_loader, query_loader, device, dtype=torch.float32
     return knn_classify(bank, bank_labels, queries, query_labels, k, temperature)
 
 
+# --------------------------------------------------------------------------------------- linear probe
+
+STRENGTHS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)  # L2 weights tried, strongest first (ties go to the stronger)
+
+
+def fit_logistic(x, y, l2, num_classes, iters=200):
+    """Multinomial logistic regression on x (n, D) float64 by full-batch L-BFGS -> (W (D, C), b (C,)).
+    Minimises mean cross-entropy + l2 * |W|^2; starts from zero, so it is deterministic."""
+    W = torch.zeros(x.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=iters, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ W + b, y) + l2 * W.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return W.detach(), b.detach()
+
+
+def holdout_split(n, fraction=0.2, seed=0):
+    """A seeded split of n training rows -> (fit rows, holdout rows); validation rows never enter."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    cut = max(1, int(n * fraction))
+    return perm[cut:], perm[:cut]
+
+
+def linear_probe(train_x, train_y, val_x, val_y, strengths=STRENGTHS, seed=0):
+    """Top-1 (%) on the validation rows of a linear classifier on frozen features, and its L2 strength.
+
+    The strength is chosen on a seeded 20% holdout of the training rows, then the classifier is refit on
+    all of them. Features are standardised with training statistics. The paper's probe differs: it trains
+    with LARS on augmented crops for many epochs (Appendix C); this one sees each image once, un-augmented,
+    which is cheaper and deterministic and usually scores somewhat lower."""
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    X, Xv = ((train_x - mean) / std).double(), ((val_x - mean) / std).double()
+    fit, held = holdout_split(len(X), seed=seed)
+    C = int(train_y.max()) + 1
+
+    def top1(W, b, x, y):
+        return 100.0 * ((x @ W + b).argmax(1) == y).double().mean().item()
+
+    scores = [top1(*fit_logistic(X[fit], train_y[fit], l2, C), X[held], train_y[held]) for l2 in strengths]
+    best = strengths[scores.index(max(scores))]
+    return top1(*fit_logistic(X, train_y, best, C), Xv, val_y), best
+
+
+class Pixels(torch.nn.Module):
+    """The raw-pixel control: each image flattened, as a one-token 'encoder output' (B, 1, 3 H W)."""
+
+    def forward(self, x):
+        return x.flatten(1).unsqueeze(1)
+
+
+def evaluate(encoder, loaders, device, args):
+    """kNN and (unless --no-linear) the probe of one encoder -> {knn_top1, knn_top5, linear_top1, linear_l2}."""
+    (bank, bank_y), (queries, query_y) = (extract_features(encoder.to(device), loader, device) for loader in loaders)
+    result = dict(zip(("knn_top1", "knn_top5"), knn_classify(bank, bank_y, queries, query_y, args.k, args.temperature)))
+    if not args.no_linear:
+        result["linear_top1"], result["linear_l2"] = linear_probe(bank, bank_y, queries, query_y, seed=args.seed)
+    return result
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", help="our latest.pt, or an official .pth.tar")
-    p.add_argument("--data", required=True, help="ROOT with train/ (the memory bank) and val/ (the queries)")
+    p.add_argument("--data", required=True, help="'demo', or ROOT with train/ (bank, probe fit) and val/ (scored)")
     p.add_argument("--which", choices=["target", "context"], default="target",
                    help="which encoder: the paper evaluates the target (EMA) encoder")
     p.add_argument("--random-init", action="store_true", help="evaluate an untrained encoder: the control")
@@ -120,26 +187,42 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass; memory only")
     p.add_argument("--workers", type=int, default=2, help="DataLoader processes for decoding")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random-init control")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random-init control and the probe's holdout")
+    p.add_argument("--controls", action="store_true",
+                   help="also score a random-init encoder of the same shape and the raw pixels, by kNN and probe")
+    p.add_argument("--no-linear", action="store_true", help="kNN only (the full-batch probe is for up to ~100k images)")
     args = p.parse_args(argv)
     if args.random_init:
         if args.model not in models.VIT_CONFIGS:
             raise SystemExit(f"error: unknown --model {args.model}: choose from {', '.join(models.VIT_CONFIGS)}")
+        config = dict(img_size=args.img_size or 224, patch_size=args.patch_size or 16,
+                      **models.vit_config(args.model, args.depth))
         torch.manual_seed(args.seed)
-        encoder = models.VisionTransformer(img_size=args.img_size or 224, patch_size=args.patch_size or 16,
-                                           **models.vit_config(args.model, args.depth))
+        encoder = models.VisionTransformer(**config)
+        encoder.config = config
     elif args.ckpt:
         encoder = load_encoder(args.ckpt, args.which, args.patch_size)
     else:
         raise SystemExit("error: give --ckpt PATH or --random-init")
     size = args.img_size or encoder.grid[0] * encoder.patch_size
     device = torch.device(args.device)
-    sets = [ImageFolder(os.path.join(args.data, split), CenterCrop(size, args.grayscale)) for split in ("train", "val")]
+    if args.data == "demo":  # the built-in textures: the bank of train.py's demo and its held-out queries
+        sets = make_datasets("demo", size, args.seed)[1:]
+    else:
+        sets = [ImageFolder(os.path.join(args.data, s), CenterCrop(size, args.grayscale)) for s in ("train", "val")]
     loaders = [torch.utils.data.DataLoader(s, batch_size=args.batch_size, num_workers=args.workers) for s in sets]
-    top1, top5 = knn_evaluate(encoder.to(device), *loaders, device, k=args.k, temperature=args.temperature)
-    where = args.data + (" in grayscale" if args.grayscale else "")
-    print(f"kNN (k={args.k}, T={args.temperature}) on {where}: top-1 {top1:.2f}%  top-5 {top5:.2f}%")
-    print(f"summary: knn_top1={top1:.2f} knn_top5={top5:.2f}")
+    runs = {"": encoder}
+    if args.controls:
+        torch.manual_seed(args.seed)
+        runs.update(_random=models.VisionTransformer(**encoder.config), _pixels=Pixels())
+    summary, where = {}, args.data + (" in grayscale" if args.grayscale else "")
+    for suffix, model in runs.items():
+        result = evaluate(model, loaders, device, args)
+        summary.update({key + suffix: value for key, value in result.items()})
+        print(f"{'the encoder' if not suffix else suffix[1:]:>10} on {where}: kNN (k={args.k}, T={args.temperature}) "
+              f"top-1 {result['knn_top1']:.2f}% top-5 {result['knn_top5']:.2f}%" + ("" if args.no_linear else
+              f"; linear probe top-1 {result['linear_top1']:.2f}% (L2 {result['linear_l2']:g})"), flush=True)
+    print("summary: " + " ".join(f"{k}={v:.2f}" if "l2" not in k else f"{k}={v:g}" for k, v in summary.items()))
 
 
 if __name__ == "__main__":

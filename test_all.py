@@ -577,6 +577,28 @@ def test_knn_query_set_smaller_than_chunk_matches_loop():
     assert top1 == pytest.approx(100 * correct / 3) and top5 == 100.0  # 3 classes: top-5 holds all
 
 
+def test_linear_probe_separates_a_separable_set_and_not_random_labels():
+    torch.manual_seed(0)
+    centres = 3 * torch.randn(4, 16)
+    y, yv = torch.arange(200) % 4, torch.arange(100) % 4
+    x, xv = centres[y] + torch.randn(200, 16), centres[yv] + torch.randn(100, 16)
+    assert eval_knn.linear_probe(x, y, xv, yv)[0] == 100.0
+    noise, noise_val = torch.randn(400, 32), torch.randn(400, 32)  # labels that nothing predicts
+    top1 = eval_knn.linear_probe(noise, torch.randint(0, 4, (400,)), noise_val, torch.randint(0, 4, (400,)))[0]
+    assert 15.0 < top1 < 35.0  # chance is 25%; 400 queries put 2 standard deviations at +-4.3 points
+
+
+def test_linear_probe_chooses_its_strength_without_the_validation_rows():
+    fit, held = eval_knn.holdout_split(50, seed=3)
+    assert sorted(torch.cat([fit, held]).tolist()) == list(range(50)) and len(held) == 10  # training rows only
+    torch.manual_seed(1)
+    x, y = torch.randn(120, 8), torch.randint(0, 3, (120,))
+    x[:, 0] += 2 * y  # a weak signal, so the strengths differ on the holdout
+    clean = eval_knn.linear_probe(x, y, torch.randn(30, 8), torch.randint(0, 3, (30,)))
+    poisoned = eval_knn.linear_probe(x, y, torch.full((30, 8), float("nan")), torch.zeros(30, dtype=torch.long))
+    assert poisoned[1] == clean[1]  # validation rows full of NaN cannot move the choice
+
+
 def test_center_crop_transform():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 50, 3), dtype=np.uint8))
     assert data.CenterCrop(16)(img).shape == (3, 16, 16)
@@ -620,6 +642,29 @@ def test_official_format_checkpoint_gives_same_accuracy(tmp_path, capsys):
     assert results[0] == results[1] and results[0].startswith("summary: knn_top1=")
     enc = eval_knn.load_encoder(str(tmp_path / "official.pth.tar"))
     assert (enc.embed_dim, len(enc.blocks), enc.patch_size, enc.grid) == (192, 12, 8, (4, 4))
+
+
+def test_best_checkpoint_holds_the_best_knn_and_survives_resume(tmp_path):
+    data = knn_folder(str(tmp_path / "data"))
+    common = ["--data", data, "--batch-size", "4", "--knn-every", "1", "--out", str(tmp_path / "o"), *TINY]
+    summary = train.main([*common, "--steps", "6", "--lr", "5e-3"])
+    knn = {int(r["step"]): float(r["knn_top1"]) for r in csv.DictReader(open(tmp_path / "o" / "log.csv"))}
+    best_step = max(knn, key=lambda s: (knn[s], -s))  # the first step with the highest kNN
+    assert (summary["best_step"], summary["best_knn"]) == (best_step, knn[best_step])
+    assert load(tmp_path / "o" / "best.pt")["step"] == best_step
+    again = train.main([*common, "--steps", "8", "--lr", "5e-3", "--resume"])  # the record carries over
+    assert again["best_knn"] >= knn[best_step] and load(tmp_path / "o" / "best.pt")["step"] == again["best_step"]
+
+
+def test_best_checkpoint_is_never_written_with_non_finite_weights(tmp_path):
+    # train.py writes best.pt and latest.pt through the one guard; a non-finite weight stops the write
+    good = {part: {"w": torch.ones(2)} for part in ("encoder", "predictor", "target_encoder")}
+    train.save_checkpoint(str(tmp_path / "best.pt"), {**good, "step": 1})
+    before = open(tmp_path / "best.pt", "rb").read()
+    bad = {**good, "encoder": {"w": torch.tensor([1.0, float("inf")])}, "step": 2}
+    with pytest.raises(SystemExit, match="non-finite encoder weights at step 2"):
+        train.save_checkpoint(str(tmp_path / "best.pt"), bad)
+    assert open(tmp_path / "best.pt", "rb").read() == before and not (tmp_path / "best.pt.tmp").exists()
 
 
 def test_random_init_evaluation_runs(tmp_path, capsys):

@@ -58,14 +58,8 @@ class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
-def get_args(argv=None):
-    first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # which preset fills the defaults
-    first.add_argument("--data", default="demo")
-    first.add_argument("--preset")
-    first.add_argument("--epochs")
-    known, _ = first.parse_known_args(argv)
-    preset = known.preset if known.preset in PRESETS else "demo" if known.data == "demo" else "imagenet"
-
+def make_parser(preset):
+    """The flags, grouped as `--help` prints them; the preset's values are set as defaults by get_args."""
     p = argparse.ArgumentParser(description="I-JEPA pre-training. Defaults shown are those of the preset in force "
                                 f"(here '{preset}'); `--preset small --help` shows another's.", allow_abbrev=False,
                                 formatter_class=HelpWithDefaults)
@@ -135,6 +129,17 @@ def get_args(argv=None):
     g.add_argument("--save-every", type=int, default=500, help="steps between checkpoints")
     g.add_argument("--log-every", type=int, default=20, help="steps between log lines")
     g.add_argument("--knn-every", type=int, default=0, help="steps between kNN evaluations (0: only at the end)")
+    return p
+
+
+def get_args(argv=None):
+    first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # which preset fills the defaults
+    first.add_argument("--data", default="demo")
+    first.add_argument("--preset")
+    first.add_argument("--epochs")
+    known, _ = first.parse_known_args(argv)
+    preset = known.preset if known.preset in PRESETS else "demo" if known.data == "demo" else "imagenet"
+    p = make_parser(preset)
     p.set_defaults(**PRESETS[preset], data="demo", preset=preset)
     if known.epochs is not None:
         p.set_defaults(steps=None)  # an explicit --epochs beats a preset's step count
@@ -346,12 +351,12 @@ def save_checkpoint(path, state):
     os.replace(path + ".tmp", path)
 
 
-def checkpoint_state(nets, optimizer, scaler, step, steps_per_epoch, config, args, reference):
+def checkpoint_state(nets, optimizer, scaler, step, steps_per_epoch, config, args, reference, best):
     """Everything an exact resume needs; weights under the official names, unwrapped from DDP."""
     return {"encoder": nets.online.state_dict(), "predictor": nets.raw_predictor.state_dict(),
             "target_encoder": nets.target.state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(), "step": step, "epoch": step // steps_per_epoch, "config": config,
-            "args": vars(args), "monitor_reference": reference,
+            "args": vars(args), "monitor_reference": reference, "best_step": best[0], "best_knn": best[1],
             **({"rgb_head": nets.raw_rgb_head.state_dict()} if nets.rgb_head is not None else {})}
 
 
@@ -371,7 +376,8 @@ def resume(path, nets, optimizer, scaler, config, args):
         nets.rgb_head.load_state_dict(ckpt["rgb_head"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
-    return ckpt["step"], ckpt.get("monitor_reference")  # the collapse monitor keeps its step-0 yardstick
+    # the collapse monitor keeps its step-0 yardstick, and best.pt its record
+    return ckpt["step"], ckpt.get("monitor_reference"), (ckpt.get("best_step", 0), ckpt.get("best_knn", -1.0))
 
 
 def refuse_to_overwrite(path, args):
@@ -455,11 +461,11 @@ def main(argv=None):
     # models, optimizer, and the state to continue from
     nets, optimizer, config = build(args, device)
     ckpt_path, log_path = os.path.join(args.out, "latest.pt"), os.path.join(args.out, "log.csv")
-    start, reference = 0, None
+    start, reference, best = 0, None, (0, -1.0)  # best: (step, kNN) of OUT/best.pt
     refuse_to_overwrite(ckpt_path, args)
     os.makedirs(args.out, exist_ok=True)
     if args.resume:
-        start, reference = resume(ckpt_path, nets, optimizer, scaler, config, args)
+        start, reference, best = resume(ckpt_path, nets, optimizer, scaler, config, args)
         log(f"resumed from {ckpt_path} at step {start}")
     nets.raw_predictor, nets.raw_rgb_head = nets.predictor, nets.rgb_head  # unwrapped: what checkpoints store
     if ddp:  # only the trained modules are wrapped; the EMA target never is
@@ -534,9 +540,13 @@ def main(argv=None):
         stop = torch.tensor(float("signal" in asked), device=device)
         if ddp:  # every rank stops after the same step (a tiny all-reduce a step), or the others would hang
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-        if master and (done % args.save_every == 0 or done == total or stop):
-            save_checkpoint(ckpt_path, checkpoint_state(nets, optimizer, scaler, done, steps_per_epoch, config, args,
-                                                        reference))
+        new_best = bool(knn) and knn[0] > best[1]  # "monitor kNN, stop early", kept: best.pt holds the peak
+        best = (done, knn[0]) if new_best else best
+        if master and (done % args.save_every == 0 or done == total or stop or new_best):
+            state = checkpoint_state(nets, optimizer, scaler, done, steps_per_epoch, config, args, reference, best)
+            save_checkpoint(ckpt_path, state)  # also at a new best, so best.pt never outlives its run's latest.pt
+            if new_best:
+                save_checkpoint(os.path.join(args.out, "best.pt"), state)
         if stop:
             log(f"stopped by a signal after step {done}/{total}: {ckpt_path} holds it; the same command with "
                 f"--auto-resume (or --resume) continues exactly", flush=True)
@@ -553,7 +563,8 @@ def main(argv=None):
     summary = dict(steps=step + 1 - start if total > start else 0, loss=loss_value,
                    img_per_s=B * world * timed_steps / max(timed_s, 1e-9), std_mean=stats.get("std_mean", math.nan),
                    eff_rank=stats.get("eff_rank", math.nan), peak_mem_mb=peak_mem_mb(device),
-                   collapse_warnings=warnings, train_s=time.perf_counter() - t_start)
+                   collapse_warnings=warnings, train_s=time.perf_counter() - t_start,
+                   **(dict(best_step=best[0], best_knn=best[1]) if args.knn_every else {}))
     if bank_set is not None and master:
         torch.manual_seed(args.seed + 1)
         summary["knn_top1"] = run_knn(nets.target, bank_set, query_set, args, device, dtype)[0]
