@@ -66,11 +66,14 @@ def _place_blocks(n, size, grid, generator):
 
 
 def sample_masks(batch_size, grid, *, num_targets=4, target_scale=(0.15, 0.2), target_aspect=(0.75, 1.5),
-                 context_scale=(0.85, 1.0), min_keep=10, allow_overlap=False, generator=None, max_tries=20):
+                 context_scale=(0.85, 1.0), min_keep=10, allow_overlap=False, generator=None, max_tries=20,
+                 context="block"):
     """Sample one batch of I-JEPA masks.
 
     grid: int or (H, W) in patches. Returns (masks_ctx (B, Kc), masks_tgt (B, M, Kt)), LongTensors of
     patch indices in [0, H*W); context indices are sorted. Deterministic given `generator`.
+    context: "block" (I-JEPA: one large block minus the targets) or "complement" (V-JEPA, Bardes et al.
+    2024: every patch outside the union of the targets; context_scale is then unused).
     """
     H, W = (grid, grid) if isinstance(grid, int) else tuple(grid)
     N, B, M = H * W, batch_size, num_targets
@@ -79,6 +82,8 @@ def sample_masks(batch_size, grid, *, num_targets=4, target_scale=(0.15, 0.2), t
     _check_range("target_aspect", target_aspect)
     if M < 1:
         raise ValueError(f"num_targets={M} must be at least 1")
+    if context not in ("block", "complement"):
+        raise ValueError(f"context={context!r} must be 'block' or 'complement'")
     smallest_ctx = _block_size(context_scale, (1.0, 1.0), (H, W), 0.0, 0.0)
     if min_keep > smallest_ctx[0] * smallest_ctx[1]:
         raise ValueError(f"min_keep={min_keep} exceeds the {smallest_ctx[0] * smallest_ctx[1]} patches of the "
@@ -93,7 +98,10 @@ def sample_masks(batch_size, grid, *, num_targets=4, target_scale=(0.15, 0.2), t
     def sample(n):  # n images -> targets (n, M, Kt) and a boolean context map (n, N)
         tgt = _place_blocks(n * M, tgt_size, (H, W), generator).reshape(n, M, -1)
         keep = torch.zeros(n, N, dtype=torch.bool)
-        keep.scatter_(1, _place_blocks(n, ctx_size, (H, W), generator), True)
+        if context == "complement":
+            keep[:] = True
+        else:
+            keep.scatter_(1, _place_blocks(n, ctx_size, (H, W), generator), True)
         if not allow_overlap:  # remove every target patch from the context: no copying the answer
             keep.scatter_(1, tgt.flatten(1), False)
         return tgt, keep

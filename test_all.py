@@ -414,7 +414,7 @@ def test_step_batches_split_global_batch_across_ranks():
 
 def test_ddp_two_processes_match_one_process(tmp_path):
     data = make_folder(str(tmp_path / "data"), n_per_class=8)
-    common = ["--data", data, "--steps", "3", "--seed", "3", "--rgb-aux", "0.1", *TINY]  # every trained module
+    common = ["--data", data, "--steps", "3", "--seed", "3", "--rgb-aux", "0.1", "--sigreg", "0.5", *TINY]  # all losses
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                     os.path.join(HERE, "train.py"), *common, "--batch-size", "4", "--device", "cpu",
@@ -667,6 +667,14 @@ def test_best_checkpoint_is_never_written_with_non_finite_weights(tmp_path):
     assert open(tmp_path / "best.pt", "rb").read() == before and not (tmp_path / "best.pt.tmp").exists()
 
 
+def test_evaluation_without_val_folder_is_one_clear_line(tmp_path):
+    make_folder(str(tmp_path / "data" / "train"))  # no val/
+    with pytest.raises(SystemExit) as e:
+        eval_knn.main(["--random-init", "--patch-size", "8", "--img-size", "16", "--data", str(tmp_path / "data"),
+                       "--workers", "0"])
+    assert "val" in str(e.value.code) and "\n" not in str(e.value.code)
+
+
 def test_random_init_evaluation_runs(tmp_path, capsys):
     data = knn_folder(str(tmp_path / "data"))
     eval_knn.main(["--random-init", "--model", "vit_tiny", "--patch-size", "8", "--img-size", "16", "--data", data,
@@ -860,3 +868,68 @@ def test_flag_fuzz_trains_or_fails_in_one_line(tmp_path, seed, capsys):
             message = str(e.code)
             assert message.startswith("error:") and "\n" not in message and "--" in message, (argv, message)
         capsys.readouterr()
+
+
+# ------------------------------------------------------------------ SIGReg, SALT's two stages, V-JEPA's masks
+
+from losses import sigreg  # noqa: E402
+
+
+def test_sigreg_small_for_gaussian_large_for_collapsed_low_rank_shifted():
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    z = torch.randn(512, 64, generator=torch.Generator().manual_seed(1))
+    gaussian = sigreg(z, generator=gen()).item()
+    rank_one = torch.randn(512, 1) @ F.normalize(torch.randn(1, 64), dim=1) * 8  # same total variance as z
+    for bad in (torch.zeros(512, 64), rank_one, z + 2, 0.1 * z):
+        assert sigreg(bad, generator=gen()).item() > 20 * gaussian
+    assert gaussian < 2.0
+    z.requires_grad_(True)
+    sigreg(z, generator=gen()).backward()
+    assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+
+
+def _sigreg_rank(rank, path, z):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{path}/pg", rank=rank, world_size=2)
+    value = sigreg(z[rank * 32:(rank + 1) * 32], generator=torch.Generator().manual_seed(5))
+    torch.save(value, f"{path}/value{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_sigreg_same_on_one_process_and_two_ddp_processes(tmp_path):
+    z = torch.randn(64, 16, generator=torch.Generator().manual_seed(2)) * 1.5 + 0.3
+    torch.multiprocessing.spawn(_sigreg_rank, args=(str(tmp_path), z), nprocs=2)
+    one = sigreg(z, generator=torch.Generator().manual_seed(5))
+    for rank in range(2):
+        torch.testing.assert_close(torch.load(tmp_path / f"value{rank}.pt"), one, rtol=1e-5, atol=1e-5)
+
+
+def test_salt_stage_one_has_no_latent_loss_and_stage_two_keeps_its_teacher(tmp_path):
+    common = ["--data", make_folder(str(tmp_path / "data")), "--steps", "2", "--batch-size", "4", *TINY]
+    stage1 = [*common, "--latent-weight", "0", "--rgb-aux", "1"]
+    a = train.main([*stage1, "--out", str(tmp_path / "s1")])
+    b = train.main([*stage1, "--loss", "cosine", "--target-norm", "none", "--out", str(tmp_path / "s1b")])
+    assert a["loss"] == b["loss"]  # the latent targets and their loss take no part
+    teacher = load(tmp_path / "s1" / "latest.pt")["target_encoder"]
+    train.main([*common, "--target", "frozen", "--teacher", str(tmp_path / "s1" / "latest.pt"),
+                "--out", str(tmp_path / "s2")])
+    after = load(tmp_path / "s2" / "latest.pt")["target_encoder"]
+    assert all(torch.equal(teacher[k], v) for k, v in after.items())
+
+
+def test_complement_context_is_exactly_outside_the_targets():
+    for seed in range(10):
+        ctx, tgt = sample_masks(16, (8, 8), num_targets=8, target_scale=(0.15, 0.15), context="complement",
+                                min_keep=4, generator=torch.Generator().manual_seed(seed))
+        again = sample_masks(16, (8, 8), num_targets=8, target_scale=(0.15, 0.15), context="complement",
+                             min_keep=4, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(ctx, again[0]) and torch.equal(tgt, again[1])  # deterministic
+        sizes = []
+        for b in range(16):
+            outside = set(range(64)) - set(tgt[b].flatten().tolist())
+            assert set(ctx[b].tolist()) <= outside  # disjoint from every target
+            sizes.append(len(outside))
+        assert ctx.shape[1] == min(sizes)  # the image with the fewest free patches keeps all of them
+    with pytest.raises(ValueError, match="min_keep"):  # targets that cover everything: an error, not a hang
+        sample_masks(4, (4, 4), num_targets=8, target_scale=(0.9, 1.0), context="complement", min_keep=2,
+                     generator=torch.Generator().manual_seed(0))

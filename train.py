@@ -26,7 +26,7 @@ import data
 import models
 from ema import ema_update, make_target, momentum_at
 from eval_knn import knn_evaluate, load_checkpoint, load_encoder
-from losses import collapse_stats, jepa_loss, vicreg_loss
+from losses import collapse_stats, jepa_loss, sigreg, vicreg_loss
 from masks import apply_masks, sample_masks
 
 # ---------------------------------------------------------------------------------------------- presets
@@ -93,6 +93,9 @@ def make_parser(preset):
     g.add_argument("--context-scale", type=float, nargs=2, default=[0.85, 1.0], metavar=("LO", "HI"),
                    help="context block area before the targets are removed from it")
     g.add_argument("--min-keep", type=int, default=10, help="fewest context patches per image, as official")
+    g.add_argument("--context", default="block", choices=["block", "complement"],
+                   help="block: one large block minus the targets (I-JEPA); complement: everything outside the "
+                        "targets (V-JEPA; with --num-targets 8 --target-scale 0.15 0.15 it hides ~80%% of the image)")
     g = p.add_argument_group("collapse study: each of I-JEPA's guards can be switched off")
     g.add_argument("--target", default="ema", choices=["ema", "shared", "frozen"],
                    help="ema: EMA copy behind a stop-gradient (I-JEPA); shared: one encoder, gradients through both "
@@ -100,11 +103,15 @@ def make_parser(preset):
     g.add_argument("--teacher", help="with --target frozen: a checkpoint whose target encoder is the frozen target")
     g.add_argument("--ema", type=float, nargs=2, metavar=("START", "END"),
                    help="target momentum, linear ramp; lower values let the target chase the student")
-    g.add_argument("--loss", choices=["smooth_l1", "l2", "cosine"],
-                   help="smooth_l1 as the official code, l2 as the paper's Eq. 1")
+    g.add_argument("--loss", choices=["smooth_l1", "l2", "l1", "cosine"],
+                   help="smooth_l1 as the official code, l2 as the paper's Eq. 1, l1 as V-JEPA")
+    g.add_argument("--latent-weight", type=float, default=1.0,
+                   help="weight of the latent prediction loss; 0 with --rgb-aux trains by pixels alone (SALT stage 1)")
     g.add_argument("--target-norm", default="layernorm", choices=["layernorm", "none"],
                    help="layer-normalise the target features (official); keeps their scale fixed")
     g.add_argument("--vicreg", type=float, help="weight of VICReg variance+covariance on the pooled context (C-JEPA)")
+    g.add_argument("--sigreg", type=float, default=0.0, help="weight of LeJEPA's SIGReg on the pooled context "
+                   "(an isotropic-Gaussian test; with --target shared, no stop-gradient and no EMA at all)")
     g.add_argument("--stop-on-collapse", action="store_true", help="end the run when the collapse monitor fires")
     g = p.add_argument_group("departures from the paper, off in the imagenet preset (on in 'small')")
     g.add_argument("--invariance", type=float, metavar="W", help="weight of C-JEPA's invariance term: 1 - cos "
@@ -155,7 +162,7 @@ def check_args(args):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise SystemExit(f"error: --{flag.replace('_', '-')} {getattr(args, flag)} must be at least 1")
     for flag in ("lr", "start_lr", "final_lr", "warmup", "wd", "final_wd", "vicreg", "invariance", "rgb_aux",
-                 "min_keep", "knn_every", "workers", "seed"):
+                 "min_keep", "knn_every", "workers", "seed", "sigreg", "latent_weight"):
         if getattr(args, flag) < 0:
             raise SystemExit(f"error: --{flag.replace('_', '-')} {getattr(args, flag)} must not be negative")
     if not all(0 <= m <= 1 for m in args.ema):
@@ -164,6 +171,8 @@ def check_args(args):
     if args.pred_dim % heads or args.pred_dim % 4:  # attention splits it by heads; the sin-cos table needs 4 | d
         raise SystemExit(f"error: --pred-dim {args.pred_dim} must be divisible by 4 and by --model {args.model}'s "
                          f"{heads} heads (the predictor has as many heads as the encoder)")
+    if args.latent_weight == 0 and args.rgb_aux == 0:
+        raise SystemExit("error: --latent-weight 0 needs --rgb-aux W > 0, or nothing is trained")
     if args.vicreg > 0 and args.batch_size < 2:
         raise SystemExit(f"error: --vicreg {args.vicreg} needs --batch-size 2 or more (a variance over the batch)")
     if args.teacher and args.target != "frozen":
@@ -232,7 +241,7 @@ def patch_pixels(imgs, p):
     return (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + 1e-6).sqrt()
 
 
-def ijepa_loss(nets, imgs, masks_ctx, masks_tgt, args, view=None):
+def ijepa_loss(nets, imgs, masks_ctx, masks_tgt, args, view=None, step=0):
     """The I-JEPA objective on one batch (paper Sec. 3) -> (loss, the target encoder's output (B, N, D)).
     imgs (B, 3, H, W), masks_ctx (B, Kc), masks_tgt (B, M, Kt); view (B, 3, h, w) with --invariance only."""
     with torch.set_grad_enabled(args.target == "shared"):  # stop-gradient: the target branch builds no graph
@@ -240,7 +249,10 @@ def ijepa_loss(nets, imgs, masks_ctx, masks_tgt, args, view=None):
         targets = apply_masks(h, masks_tgt)  # (B, M, Kt, D)
     z = nets.encoder(imgs, masks_ctx)  # (B, Kc, D): the context encoder sees the context patches only
     preds = nets.predictor(z, masks_ctx, masks_tgt)  # (B, M, Kt, D)
-    loss = jepa_loss(preds, targets, args.loss, stop_gradient=args.target != "shared")
+    loss = args.latent_weight * jepa_loss(preds, targets, args.loss, stop_gradient=args.target != "shared")
+    if args.sigreg > 0:  # LeJEPA: the pooled context is tested against N(0, I) along random directions
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step + 7)  # same directions on every rank
+        loss = loss + args.sigreg * sigreg(z.mean(dim=1), generator=gen)
     if args.vicreg > 0:  # C-JEPA: variance and covariance of the pooled context keep it from shrinking
         loss = loss + args.vicreg * sum(vicreg_loss(z.mean(dim=1)))
     if view is not None:  # C-JEPA's invariance: the pooled context points where the target's pooled view points
@@ -253,11 +265,11 @@ def ijepa_loss(nets, imgs, masks_ctx, masks_tgt, args, view=None):
     return loss, feats
 
 
-def train_step(nets, optimizer, scaler, autocast, imgs, masks_ctx, masks_tgt, momentum, args, view=None):
+def train_step(nets, optimizer, scaler, autocast, imgs, masks_ctx, masks_tgt, momentum, args, view=None, step=0):
     """One step: the loss, backward into context encoder and predictor, AdamW, then the EMA of the
     target. Returns (loss, target features (B, N, D) for the monitor). bench.py times this function."""
     with autocast:
-        loss, feats = ijepa_loss(nets, imgs, masks_ctx, masks_tgt, args, view)
+        loss, feats = ijepa_loss(nets, imgs, masks_ctx, masks_tgt, args, view, step)
     loss_value = loss.item()  # a sync point, but it stops a bad step before it reaches the weights
     if not math.isfinite(loss_value):
         raise FloatingPointError(f"loss is {loss_value}")
@@ -452,7 +464,8 @@ def main(argv=None):
     warmup = min(int(args.warmup * steps_per_epoch), total // 2)
     grid = (args.img_size // args.patch_size,) * 2
     mask_kw = dict(num_targets=args.num_targets, target_scale=tuple(args.target_scale), min_keep=args.min_keep,
-                   target_aspect=tuple(args.target_aspect), context_scale=tuple(args.context_scale))
+                   target_aspect=tuple(args.target_aspect), context_scale=tuple(args.context_scale),
+                   context=args.context)
     try:
         sample_masks(B * world, grid, generator=mask_generator(args.seed, 0), **mask_kw)
     except ValueError as e:
@@ -490,7 +503,7 @@ def main(argv=None):
     writer = csv.writer(csv_file) if master else None
     if master and not old_log:
         writer.writerow(["step", "epoch", "loss", "lr", "wd", "momentum", "img_per_s", "std_mean", "std_min",
-                         "eff_rank", "knn_top1"])
+                         "eff_rank", "sigreg", "knn_top1"])
     loss_value, stats, timed_steps, timed_s, warnings, stop = float("nan"), {}, 0, 0.0, 0, False
     t_last, step, t_start = time.perf_counter(), start, time.perf_counter()
     asked, previous_handlers = catch_stop_signals()
@@ -506,18 +519,20 @@ def main(argv=None):
         if args.invariance > 0:  # 9 draws per image (5 used): the layout of earlier runs, which reproduce exactly
             view = data.random_view(imgs, torch.rand(B * world, 9, generator=gen)[rows].to(device), args.view_size)
         try:
-            loss_value, feats = train_step(nets, optimizer, scaler, autocast, imgs, masks_ctx, masks_tgt, m, args, view)
+            loss_value, feats = train_step(nets, optimizer, scaler, autocast, imgs, masks_ctx, masks_tgt, m, args,
+                                           view, step)
         except FloatingPointError as e:
             raise SystemExit(f"error: {e} at step {step}; {ckpt_path} still holds the last good state") from None
 
         done = step + 1
         if step - start >= 3:  # steady-state throughput: the first steps pay for warm-up and allocation
             timed_steps, timed_s = timed_steps + 1, timed_s + time.perf_counter() - t_last
-        knn = None
-        if args.knn_every and done % args.knn_every == 0 and master:
-            knn = run_knn(nets.target, bank_set, query_set, args, device, dtype)
-        if done % args.log_every == 0 or done == total or step == 0 or knn:  # step 0: the monitor's yardstick
+        knn_due = bool(args.knn_every) and done % args.knn_every == 0  # the same on every rank
+        knn = run_knn(nets.target, bank_set, query_set, args, device, dtype) if knn_due and master else None
+        if done % args.log_every == 0 or done == total or step == 0 or knn_due:  # step 0: the monitor's yardstick
             stats = collapse_stats(feats.mean(dim=1))
+            # a label-free collapse signal: SIGReg of the pooled target features along fixed directions
+            stats["sigreg"] = sigreg(feats.mean(dim=1), generator=torch.Generator().manual_seed(args.seed)).item()
             reference = reference or stats
             step_s = timed_s / max(timed_steps, 1)
             img_s = B * world / step_s if timed_steps else float("nan")
@@ -525,10 +540,11 @@ def main(argv=None):
             log(f"step {done}/{total} ep {step // steps_per_epoch} loss {loss_value:.4f} lr {lr:.2e} wd {wd:.3f} "
                 f"mom {m:.4f} | {speed} "
                 f"mem {peak_mem_mb(device):.0f}MB | std {stats['std_mean']:.3f} (min {stats['std_min']:.3f}) "
-                f"rank {stats['eff_rank']:.1f}" + (f" | kNN {knn[0]:.1f}%" if knn else ""), flush=True)
+                f"rank {stats['eff_rank']:.1f} sigreg {stats['sigreg']:.1f}" + (f" | kNN {knn[0]:.1f}%" if knn else ""),
+                flush=True)
             if master:
                 writer.writerow([done, step // steps_per_epoch, loss_value, lr, wd, m, img_s, stats["std_mean"],
-                                 stats["std_min"], stats["eff_rank"], knn[0] if knn else ""])
+                                 stats["std_min"], stats["eff_rank"], stats["sigreg"], knn[0] if knn else ""])
                 csv_file.flush()
             if stats["std_mean"] < 0.1 * reference["std_mean"] or stats["eff_rank"] < 0.2 * reference["eff_rank"]:
                 warnings += 1
@@ -562,7 +578,8 @@ def main(argv=None):
         raise SystemExit(STOPPED_BY_SIGNAL)
     summary = dict(steps=step + 1 - start if total > start else 0, loss=loss_value,
                    img_per_s=B * world * timed_steps / max(timed_s, 1e-9), std_mean=stats.get("std_mean", math.nan),
-                   eff_rank=stats.get("eff_rank", math.nan), peak_mem_mb=peak_mem_mb(device),
+                   eff_rank=stats.get("eff_rank", math.nan), sigreg=stats.get("sigreg", math.nan),
+                   peak_mem_mb=peak_mem_mb(device),
                    collapse_warnings=warnings, train_s=time.perf_counter() - t_start,
                    **(dict(best_step=best[0], best_knn=best[1]) if args.knn_every else {}))
     if bank_set is not None and master:
