@@ -1,0 +1,136 @@
+"""The README's pictures, drawn from real masks and from the runs' own log.csv files.
+
+    python figures.py --image ../shared/data/cifar10-mini/val/horse/0002.jpg   # all three PNGs into figures/
+    python figures.py --study runs/study --small runs/small-knn    # from fresh runs instead of the logs kept here
+
+masks.png: masks.sample_masks over a demo image, at the ImageNet grid (14 x 14) and the demo's (8 x 8).
+study.png: the stability study (RESULTS.md): kNN, effective rank and feature std against steps, a line per
+configuration, from OUT/log.csv of each run. small.png: the small-data preset's kNN against training
+minutes, with random init and raw pixels as flat references. matplotlib is needed here only.
+"""
+import argparse
+import csv
+import glob
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no screen
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from PIL import Image  # noqa: E402
+
+from data import MEAN, STD, DemoTextures, to_tensor  # noqa: E402
+from masks import sample_masks  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# References for small.png, measured on the same validation images (RESULTS.md gives the commands):
+RANDOM_INIT, RAW_PIXELS = 26.15, 39.10  # random-init 4-deep ViT-Tiny/4 (seed 0), flattened 32 x 32 pixels
+SMALL_IMG_PER_S = 422  # the small preset alone on the 2-core AVX-512 CPU (RESULTS.md): steps -> minutes
+
+
+def read_log(path):
+    """OUT/log.csv -> {column: [floats]} (an empty kNN cell is None)."""
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    return {k: [float(r[k]) if r[k] else None for r in rows] for k in rows[0]}
+
+
+def draw_masks(path, image=None, seed=3):
+    """Context and the four target blocks over one image (a demo texture unless `image` is a file), at
+    both grids; one row a grid."""
+    fig, axes = plt.subplots(2, 6, figsize=(12, 4.9))
+    for row, (img_size, patch) in enumerate([(224, 16), (32, 4)]):
+        if image:
+            with Image.open(image) as im:
+                img = to_tensor(im.convert("RGB").resize((img_size, img_size), Image.BICUBIC))
+            img = (img * STD[:, None, None] + MEAN[:, None, None]).clamp(0, 1)  # (3, S, S) in [0, 1]
+        else:
+            img = (DemoTextures(10, img_size, seed=seed)[2][0] * 0.25 + 0.5).clamp(0, 1)  # (3, S, S) in [0, 1]
+        grid = img_size // patch
+        ctx, tgt = sample_masks(1, grid, generator=torch.Generator().manual_seed(seed))
+        cells = [("image", None), ("context", ctx[0])] + [(f"target {i + 1}", tgt[0, i]) for i in range(tgt.shape[1])]
+        for ax, (title, kept) in zip(axes[row], cells):
+            shown = img.clone()
+            if kept is not None:  # grey out every patch the encoder (or this target block) does not cover
+                on = torch.zeros(grid * grid, dtype=torch.bool)
+                on[kept] = True
+                on = on.reshape(grid, grid).repeat_interleave(patch, 0).repeat_interleave(patch, 1)
+                shown = torch.where(on, shown, 0.5 + 0.15 * (shown - 0.5))
+            ax.imshow(shown.permute(1, 2, 0).numpy(), interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            label = f"{title} ({len(kept)} patches)" if kept is not None else f"{img_size} px, {grid}x{grid} patches"
+            ax.set_title(label, fontsize=9)
+    fig.suptitle("I-JEPA masks (masks.sample_masks, default settings): the context never contains a target patch")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def draw_study(folder, path):
+    """A line per configuration (one sub-folder per run, each with log.csv)."""
+    runs = sorted(glob.glob(os.path.join(folder, "*", "log.csv")))
+    if not runs:
+        raise SystemExit(f"error: no */log.csv under {folder}")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    summaries = glob.glob(os.path.join(folder, "*.summary"))
+    if summaries:  # the random-init encoder of the same shape, scored by the same run
+        line = open(summaries[0]).read()
+        axes[0].axhline(float(line.split("knn_top1_random=")[1].split()[0]), color="black", ls=":", label="random init")
+    for run in runs:
+        name = os.path.basename(os.path.dirname(run))
+        log = read_log(run)
+        style = dict(lw=2.2 if name == "default" else 1.2, ls="--" if "shared" in name or "ema" in name else "-")
+        knn = [(s, k) for s, k in zip(log["step"], log["knn_top1"]) if k is not None]
+        axes[0].plot(*zip(*knn), marker="o", ms=3, label=name, **style)
+        axes[1].plot(log["step"], log["eff_rank"], **style)
+        axes[2].plot(log["step"], log["std_mean"], **style)
+    for ax, title in zip(axes, ["kNN top-1 (%), target encoder", "effective rank of pooled target features",
+                                "per-dimension std of pooled target features"]):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+    axes[2].set_yscale("log")
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.suptitle("Each guard broken on purpose (cifar10-mini, 6-deep ViT-Tiny/4, 200 steps): dashed = no slow target")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def draw_small(folder, path):
+    """kNN of the small preset's runs against minutes of training, with the two flat references."""
+    runs = sorted(glob.glob(os.path.join(folder, "*", "log.csv")))
+    if not runs:
+        raise SystemExit(f"error: no */log.csv under {folder}")
+    fig, ax = plt.subplots(figsize=(7, 4.4))
+    for run in runs:
+        log = read_log(run)
+        knn = [(s * 64 / SMALL_IMG_PER_S / 60, k) for s, k in zip(log["step"], log["knn_top1"]) if k is not None]
+        ax.plot(*zip(*knn), marker="o", ms=3, label=f"--preset small ({os.path.basename(os.path.dirname(run))})")
+    ax.axhline(RAW_PIXELS, color="gray", ls="--", label=f"raw pixels ({RAW_PIXELS}%)")
+    ax.axhline(RANDOM_INIT, color="black", ls=":", label=f"random-init encoder ({RANDOM_INIT}%)")
+    ax.set_xlabel(f"minutes of training (2-core AVX-512 CPU, bf16, {SMALL_IMG_PER_S} img/s)")
+    ax.set_ylabel("kNN top-1 on cifar10-mini val (%)")
+    ax.set_title("Small data: kNN during training (k=20, T=0.07)", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--study", default=os.path.join(HERE, "figures", "logs", "study"),
+                   help="folder of stability-study runs, one sub-folder with log.csv each")
+    p.add_argument("--small", default=os.path.join(HERE, "figures", "logs", "small"),
+                   help="folder of small-preset runs made with --knn-every")
+    p.add_argument("--image", help="the image under the masks (default: a demo texture)")
+    p.add_argument("--out", default=os.path.join(HERE, "figures"), help="where the PNGs go")
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    draw_masks(os.path.join(args.out, "masks.png"), args.image)
+    draw_study(args.study, os.path.join(args.out, "study.png"))
+    draw_small(args.small, os.path.join(args.out, "small.png"))
+    print(f"wrote masks.png, study.png and small.png to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
