@@ -792,7 +792,7 @@ def test_auto_resume_starts_then_continues(tmp_path):
 
 def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(tmp_path):
     common = ["--data", make_folder(str(tmp_path / "data"), n_per_class=10), *SIGNAL_RUN]
-    train.main([*common, "--out", str(tmp_path / "full")])
+    assert run_train(*common, "--out", str(tmp_path / "full")).returncode == 0  # same threads as the runs below
     out = tmp_path / "stopped"
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *common, "--out", str(out)], cwd=HERE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
