@@ -30,6 +30,14 @@ RANDOM_INIT, RAW_PIXELS = 26.15, 39.10  # random-init 4-deep ViT-Tiny/4 (seed 0)
 SMALL_IMG_PER_S = 422  # the small preset alone on the 2-core AVX-512 CPU (RESULTS.md): steps -> minutes
 
 
+def find_logs(folder):
+    """FOLDER/*/log.csv, one per run, or a one-line error."""
+    runs = sorted(glob.glob(os.path.join(folder, "*", "log.csv")))
+    if not runs:
+        raise SystemExit(f"error: no */log.csv under {folder}")
+    return runs
+
+
 def read_log(path):
     """OUT/log.csv -> {column: [floats]} (an empty kNN cell is None)."""
     with open(path) as f:
@@ -69,9 +77,7 @@ def draw_masks(path, image=None, seed=3):
 
 def draw_study(folder, path):
     """A line per configuration (one sub-folder per run, each with log.csv)."""
-    runs = sorted(glob.glob(os.path.join(folder, "*", "log.csv")))
-    if not runs:
-        raise SystemExit(f"error: no */log.csv under {folder}")
+    runs = find_logs(folder)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
     summaries = glob.glob(os.path.join(folder, "*.summary"))
     if summaries:  # the random-init encoder of the same shape, scored by the same run
@@ -98,9 +104,7 @@ def draw_study(folder, path):
 
 def draw_small(folder, path):
     """kNN of the small preset's runs against minutes of training, with the two flat references."""
-    runs = sorted(glob.glob(os.path.join(folder, "*", "log.csv")))
-    if not runs:
-        raise SystemExit(f"error: no */log.csv under {folder}")
+    runs = find_logs(folder)
     fig, ax = plt.subplots(figsize=(7, 4.4))
     for run in runs:
         log = read_log(run)
