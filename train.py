@@ -507,6 +507,8 @@ def main(argv=None):
     loss_value, stats, timed_steps, timed_s, warnings, stop = float("nan"), {}, 0, 0.0, 0, False
     t_last, step, t_start = time.perf_counter(), start, time.perf_counter()
     asked, previous_handlers = catch_stop_signals()
+    # kNN reads the target encoder, as the paper; a frozen target learns nothing, so there it reads the student
+    which, evaluated = ("context", nets.online) if args.target == "frozen" else ("target", nets.target)
     for step, (imgs, _) in enumerate(loader, start=start):
         lr, wd, m = lr_at(step, total, warmup, args), wd_at(step, total, args), momentum_at(step, total, *args.ema)
         for group in optimizer.param_groups:
@@ -528,7 +530,7 @@ def main(argv=None):
         if step - start >= 3:  # steady-state throughput: the first steps pay for warm-up and allocation
             timed_steps, timed_s = timed_steps + 1, timed_s + time.perf_counter() - t_last
         knn_due = bool(args.knn_every) and done % args.knn_every == 0  # the same on every rank
-        knn = run_knn(nets.target, bank_set, query_set, args, device, dtype) if knn_due and master else None
+        knn = run_knn(evaluated, bank_set, query_set, args, device, dtype) if knn_due and master else None
         if done % args.log_every == 0 or done == total or step == 0 or knn_due:  # step 0: the monitor's yardstick
             stats = collapse_stats(feats.mean(dim=1))
             # a label-free collapse signal: SIGReg of the pooled target features along fixed directions
@@ -584,10 +586,10 @@ def main(argv=None):
                    **(dict(best_step=best[0], best_knn=best[1]) if args.knn_every else {}))
     if bank_set is not None and master:
         torch.manual_seed(args.seed + 1)
-        summary["knn_top1"] = run_knn(nets.target, bank_set, query_set, args, device, dtype)[0]
+        summary["knn_top1"] = run_knn(evaluated, bank_set, query_set, args, device, dtype)[0]
         summary["knn_top1_random"] = run_knn(models.VisionTransformer(**config["encoder"]).to(device),
                                              bank_set, query_set, args, device, dtype)[0]
-        log(f"kNN top-1 on held-out images: trained target encoder {summary['knn_top1']:.1f}%, "
+        log(f"kNN top-1 on held-out images: trained {which} encoder {summary['knn_top1']:.1f}%, "
             f"random init {summary['knn_top1_random']:.1f}%")
     log("summary: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     if ddp:
