@@ -66,9 +66,7 @@ def main():
     if args.compile:
         nets.encoder, nets.predictor = (torch.compile(m, dynamic=True) for m in (nets.encoder, nets.predictor))
     grid, B = args.img_size // args.patch_size, args.batch_size
-    mask_kw = dict(num_targets=args.num_targets, target_scale=tuple(args.target_scale), min_keep=args.min_keep,
-                   target_aspect=tuple(args.target_aspect), context_scale=tuple(args.context_scale),
-                   context=args.context)
+    mask_kw = train.mask_settings(args)
     imgs = torch.randn(B, 3, args.img_size, args.img_size, device=device)
     mask_gen, ctx_tokens = torch.Generator().manual_seed(0), []
 

@@ -208,6 +208,12 @@ def wd_at(step, total, args):
     return args.final_wd + (args.wd - args.final_wd) * 0.5 * (1 + math.cos(math.pi * step / max(total, 1)))
 
 
+def mask_settings(args):
+    """The keyword arguments of masks.sample_masks that the mask flags set."""
+    return dict(num_targets=args.num_targets, target_scale=tuple(args.target_scale), min_keep=args.min_keep,
+                target_aspect=tuple(args.target_aspect), context_scale=tuple(args.context_scale), context=args.context)
+
+
 def mask_generator(seed, step):
     """Masks are a function of (seed, step): every rank draws the global batch's and keeps its slice."""
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
@@ -463,9 +469,7 @@ def main(argv=None):
     total = args.steps or args.epochs * steps_per_epoch
     warmup = min(int(args.warmup * steps_per_epoch), total // 2)
     grid = (args.img_size // args.patch_size,) * 2
-    mask_kw = dict(num_targets=args.num_targets, target_scale=tuple(args.target_scale), min_keep=args.min_keep,
-                   target_aspect=tuple(args.target_aspect), context_scale=tuple(args.context_scale),
-                   context=args.context)
+    mask_kw = mask_settings(args)
     try:
         sample_masks(B * world, grid, generator=mask_generator(args.seed, 0), **mask_kw)
     except ValueError as e:
