@@ -306,16 +306,18 @@ def build(args, device):
     predictor = models.VisionTransformerPredictor(**config["predictor"]).to(device)
     target = encoder if args.target == "shared" else make_target(encoder)
     if args.teacher:
-        teacher = load_encoder(args.teacher)
-        if teacher.state_dict().keys() != target.state_dict().keys() or any(
-                v.shape != target.state_dict()[k].shape for k, v in teacher.state_dict().items()):
+        try:  # load_state_dict checks every name and shape
+            target.load_state_dict(load_encoder(args.teacher).state_dict())
+        except RuntimeError:
             raise SystemExit(f"error: --teacher {args.teacher} has another architecture than --model {args.model}"
-                             f" --depth {args.depth} at --img-size {args.img_size} / --patch-size {args.patch_size}")
-        target.load_state_dict(teacher.state_dict())
+                             f" --depth {args.depth} at --img-size {args.img_size} / --patch-size {args.patch_size}"
+                             ) from None
     # Off as the paper, whose claim is that latent targets suffice; on small data they alone let the
     # features trade the colour and layout that kNN reads for shape after ~4,000 steps (EXPERIMENTS.md).
     rgb_head = torch.nn.Linear(encoder.embed_dim, 3 * args.patch_size**2).to(device) if args.rgb_aux > 0 else None
-    nets = SimpleNamespace(encoder=encoder, predictor=predictor, target=target, rgb_head=rgb_head, online=encoder)
+    # online / raw_*: the unwrapped modules (what EMA reads and checkpoints store) once DDP wraps the others
+    nets = SimpleNamespace(encoder=encoder, predictor=predictor, target=target, rgb_head=rgb_head, online=encoder,
+                           raw_predictor=predictor, raw_rgb_head=rgb_head)
     params = [p for m in (encoder, predictor, rgb_head) if m is not None for p in m.parameters()]
     optimizer = make_optimizer(params, args.start_lr, args.wd)
     if args.target != "shared":  # the two properties that keep I-JEPA from collapsing
@@ -484,7 +486,6 @@ def main(argv=None):
     if args.resume:
         start, reference, best = resume(ckpt_path, nets, optimizer, scaler, config, args)
         log(f"resumed from {ckpt_path} at step {start}")
-    nets.raw_predictor, nets.raw_rgb_head = nets.predictor, nets.rgb_head  # unwrapped: what checkpoints store
     if ddp:  # only the trained modules are wrapped; the EMA target never is
         ids = [device.index] if device.type == "cuda" else None
         nets.encoder, nets.predictor = (torch.nn.parallel.DistributedDataParallel(m, device_ids=ids)
@@ -536,9 +537,10 @@ def main(argv=None):
         knn_due = bool(args.knn_every) and done % args.knn_every == 0  # the same on every rank
         knn = run_knn(evaluated, bank_set, query_set, args, device, dtype) if knn_due and master else None
         if done % args.log_every == 0 or done == total or step == 0 or knn_due:  # step 0: the monitor's yardstick
-            stats = collapse_stats(feats.mean(dim=1))
+            pooled = feats.mean(dim=1)  # (B, D)
+            stats = collapse_stats(pooled)
             # a label-free collapse signal: SIGReg of the pooled target features along fixed directions
-            stats["sigreg"] = sigreg(feats.mean(dim=1), generator=torch.Generator().manual_seed(args.seed)).item()
+            stats["sigreg"] = sigreg(pooled, generator=torch.Generator().manual_seed(args.seed)).item()
             reference = reference or stats
             step_s = timed_s / max(timed_steps, 1)
             img_s = B * world / step_s if timed_steps else float("nan")
@@ -559,9 +561,11 @@ def main(argv=None):
                     f"(start {reference['eff_rank']:.2f})")
                 if args.stop_on_collapse:
                     raise SystemExit(f"error: stopped on collapse at step {done} (--stop-on-collapse)")
-        stop = torch.tensor(float("signal" in asked), device=device)
+        stop = "signal" in asked
         if ddp:  # every rank stops after the same step (a tiny all-reduce a step), or the others would hang
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+            flag = torch.tensor(float(stop), device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
         new_best = bool(knn) and knn[0] > best[1]  # "monitor kNN, stop early", kept: best.pt holds the peak
         best = (done, knn[0]) if new_best else best
         if master and (done % args.save_every == 0 or done == total or stop or new_best):
