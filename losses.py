@@ -71,9 +71,9 @@ def sigreg(z, num_slices=256, generator=None, t_max=3.0, knots=17):
     xt = x.unsqueeze(-1) * t  # (n, M, K)
     cos, sin = xt.cos().mean(0), xt.sin().mean(0)  # (M, K): real and imaginary parts of the ecf
     if dist.is_available() and dist.is_initialized():  # the global batch's ecf (gradients flow back)
-        from torch.distributed.nn.functional import all_reduce  # the differentiable one
+        from torch.distributed._functional_collectives import all_reduce  # differentiable: grads are summed
         world = dist.get_world_size()
-        cos, sin = (all_reduce(v) / world for v in (cos, sin))
+        cos, sin = (all_reduce(v, "sum", dist.group.WORLD) / world for v in (cos, sin))
         n *= world
     return n * (((cos - phi) ** 2 + sin**2) @ (weights * phi)).mean()
 

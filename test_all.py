@@ -891,17 +891,25 @@ def test_sigreg_small_for_gaussian_large_for_collapsed_low_rank_shifted():
 def _sigreg_rank(rank, path, z):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{path}/pg", rank=rank, world_size=2)
-    value = sigreg(z[rank * 32:(rank + 1) * 32], generator=torch.Generator().manual_seed(5))
-    torch.save(value, f"{path}/value{rank}.pt")
+    mine = z[rank * 32:(rank + 1) * 32].clone().requires_grad_()
+    value = sigreg(mine, generator=torch.Generator().manual_seed(5))
+    value.backward()
+    torch.save((value.detach(), mine.grad), f"{path}/value{rank}.pt")
     dist.destroy_process_group()
 
 
 def test_sigreg_same_on_one_process_and_two_ddp_processes(tmp_path):
     z = torch.randn(64, 16, generator=torch.Generator().manual_seed(2)) * 1.5 + 0.3
     torch.multiprocessing.spawn(_sigreg_rank, args=(str(tmp_path), z), nprocs=2)
-    one = sigreg(z, generator=torch.Generator().manual_seed(5))
+    whole = z.clone().requires_grad_()
+    one = sigreg(whole, generator=torch.Generator().manual_seed(5))
+    one.backward()
     for rank in range(2):
-        torch.testing.assert_close(torch.load(tmp_path / f"value{rank}.pt"), one, rtol=1e-5, atol=1e-5)
+        value, grad = torch.load(tmp_path / f"value{rank}.pt")
+        torch.testing.assert_close(value, one.detach(), rtol=1e-5, atol=1e-5)
+        # every rank's loss is the global one, so its rows' gradient is summed over the 2 ranks; DDP's
+        # average of the parameter gradients then gives the one-process gradient
+        torch.testing.assert_close(grad, 2 * whole.grad[rank * 32:(rank + 1) * 32], rtol=1e-4, atol=1e-6)
 
 
 def test_salt_stage_one_has_no_latent_loss_and_stage_two_keeps_its_teacher(tmp_path):
