@@ -4,13 +4,14 @@
     python figures.py --study runs/study --small runs/small-knn    # from fresh runs instead of the logs kept here
 
 masks.png: masks.sample_masks over a demo image, at the ImageNet grid (14 x 14) and the demo's (8 x 8).
-study.png: the stability study (RESULTS.md): kNN, effective rank and feature std against steps, a line per
-configuration, from OUT/log.csv of each run. small.png: the small-data preset's kNN against training
+study.png: the stability study (RESULTS.md, study.sh): kNN, effective rank and feature std against steps, a
+line per configuration, from OUT/log.csv of each run; its table and rank correlations are printed. small.png: the small-data preset's kNN against training
 minutes, with random init and raw pixels as flat references. matplotlib is needed here only.
 """
 import argparse
 import csv
 import glob
+import math
 import os
 
 import matplotlib
@@ -75,31 +76,68 @@ def draw_masks(path, image=None, seed=3):
     fig.savefig(path, dpi=90)
 
 
+def study_runs(folder):
+    """{name: log} for FOLDER/*/log.csv; SALT's stage 2 (a name ending in "salt-2") is shifted by the steps
+    of its stage 1 ("salt-1"), so both stages together sit on the budget's step axis."""
+    logs = {os.path.basename(os.path.dirname(run)): read_log(run) for run in find_logs(folder)}
+    for name, log in logs.items():
+        first = logs.get(name[:-1] + "1") if name.endswith("salt-2") else None
+        if first:
+            log["step"] = [s + first["step"][-1] for s in log["step"]]
+    return logs
+
+
 def draw_study(folder, path):
-    """A line per configuration (one sub-folder per run, each with log.csv)."""
-    runs = find_logs(folder)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    """kNN, effective rank and feature std against steps, a line per configuration (FOLDER/NAME/log.csv)."""
+    logs = study_runs(folder)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5.2))
     summaries = glob.glob(os.path.join(folder, "*.summary"))
     if summaries:  # the random-init encoder of the same shape, scored by the same run
         line = open(summaries[0]).read()
         axes[0].axhline(float(line.split("knn_top1_random=")[1].split()[0]), color="black", ls=":", label="random init")
-    for run in runs:
-        name = os.path.basename(os.path.dirname(run))
-        log = read_log(run)
-        style = dict(lw=2.2 if name == "default" else 1.2, ls="--" if "shared" in name or "ema" in name else "-")
+    axes[0].axhline(RAW_PIXELS, color="gray", ls=":", label="raw pixels")
+    for name, log in logs.items():
+        style = dict(lw=2.4 if name in ("plain", "small") else 1.2, ls="--" if "shared" in name or "ema" in name else "-")
         knn = [(s, k) for s, k in zip(log["step"], log["knn_top1"]) if k is not None]
         axes[0].plot(*zip(*knn), marker="o", ms=3, label=name, **style)
         axes[1].plot(log["step"], log["eff_rank"], **style)
         axes[2].plot(log["step"], log["std_mean"], **style)
-    for ax, title in zip(axes, ["kNN top-1 (%), target encoder", "effective rank of pooled target features",
+    for ax, title in zip(axes, ["kNN top-1 (%) on val", "effective rank of pooled target features",
                                 "per-dimension std of pooled target features"]):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
     axes[2].set_yscale("log")
     axes[0].legend(fontsize=7, ncol=2)
-    fig.suptitle("Each guard broken on purpose (cifar10-mini, 6-deep ViT-Tiny/4, 200 steps): dashed = no slow target")
+    fig.suptitle("Mechanisms on and off (cifar10-mini, 4-deep ViT-Tiny/4, 3,900 steps of 64): dashed = no slow target")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
+
+
+def spearman(a, b):
+    """Rank correlation of two equal-length lists (no ties expected in measured floats); nan under 3."""
+    if len(a) < 3:
+        return math.nan
+    ra, rb = (torch.tensor(x, dtype=torch.float64).argsort().argsort().double() for x in (a, b))
+    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
+
+
+def study_table(folder):
+    """The study as markdown rows (last logged loss, std, rank and SIGReg statistic; last and best kNN),
+    then the rank correlation across runs of the final loss and of the SIGReg statistic with final kNN."""
+    rows, finals = ["| run | loss | std | eff. rank | SIGReg stat. | kNN at end | best kNN (step) |",
+                    "| --- | --- | --- | --- | --- | --- | --- |"], []
+    for name, log in study_runs(folder).items():
+        knn = [(k, s) for s, k in zip(log["step"], log["knn_top1"]) if k is not None]
+        last = {k: log.get(k, [math.nan])[-1] for k in ("loss", "std_mean", "eff_rank", "sigreg")}
+        rows.append(f"| {name} | {last['loss']:.3g} | {last['std_mean']:.3f} | {last['eff_rank']:.2f} | "
+                    f"{last['sigreg']:.1f} | {knn[-1][0]:.2f}% | {max(knn)[0]:.2f}% ({max(knn)[1]:.0f}) |")
+        if not name.endswith("salt-1"):  # SALT is one run: its stage 2 ends it
+            finals.append((last["loss"], last["sigreg"], knn[-1][0]))
+    loss, stat, knn = zip(*finals)
+    logged = [(s, k) for s, _, k in zip(stat, loss, knn) if not math.isnan(s)]  # older logs have no SIGReg column
+    rows.append(f"\nSpearman rank correlation with final kNN: final loss {spearman(loss, knn):+.2f} over "
+                f"{len(finals)} runs, SIGReg statistic {spearman(*zip(*logged)):+.2f} over {len(logged)} runs")
+    return "\n".join(rows)
 
 
 def draw_small(folder, path):
@@ -133,6 +171,7 @@ def main(argv=None):
     draw_masks(os.path.join(args.out, "masks.png"), args.image)
     draw_study(args.study, os.path.join(args.out, "study.png"))
     draw_small(args.small, os.path.join(args.out, "small.png"))
+    print(study_table(args.study))
     print(f"wrote masks.png, study.png and small.png to {args.out}")
 
 

@@ -1,32 +1,43 @@
 #!/usr/bin/env bash
-# The stability study (RESULTS.md, "Why it does not collapse"): each of I-JEPA's guards broken on purpose,
-# 200 steps on cifar10-mini, one run per configuration into runs/study/NAME/ (log.csv: std, eff_rank, kNN), and
-# its summary line (final kNN, and that of a random-init encoder) into runs/study/NAME.summary.
-#   bash study.sh [DATA] [LANE LANES]     # e.g. "bash study.sh DATA 0 2" and "... 1 2" on two cores at once
-# Then `python figures.py --study runs/study` draws figures/study.png from the logs.
+# The stability study (RESULTS.md, "The stability study at the small preset's budget"): I-JEPA's guards broken on purpose and the
+# other mechanisms switched on, each run for the small preset's budget (3,900 steps of 64 on cifar10-mini,
+# 22-31 min a run on 2 AVX-512 cores), kNN every 390 steps, one run per row into runs/study/NAME/ (log.csv: loss,
+# std, eff_rank, the SIGReg statistic, kNN) and its summary line into runs/study/NAME.summary.
+#   bash study.sh [DATA] [NAME ...]     # no names: every row, one after another
+# Two bases: "plain" is the paper's recipe (smooth L1 on the last layer's normalised target, no extra
+# term) fitted to the budget; "small" is --preset small. Then `python figures.py --study runs/study`.
 set -euo pipefail
 cd "$(dirname "$0")"
-data=${1:-../shared/data/cifar10-mini}; lane=${2:-0}; lanes=${3:-1}
-base="--data $data --model vit_tiny --depth 6 --img-size 32 --patch-size 4 --batch-size 64 --pred-depth 3
-      --pred-dim 96 --workers 1 --vicreg 0 --steps 200 --log-every 25 --knn-every 50"
-configs=(
-  "default|"
-  "target-shared|--target shared"
-  "ema-0|--ema 0 0"
-  "ema-0.9|--ema 0.9 0.9"
-  "target-frozen|--target frozen"
-  "vicreg-0.1|--vicreg 0.1"
-  "vicreg-1|--vicreg 1"
-  "rgb-aux-0.1|--rgb-aux 0.1"
-  "loss-l2|--loss l2"
-  "loss-cosine|--loss cosine"
-  "target-norm-none|--target-norm none"
-  "small-targets|--target-scale 0.02 0.05"
-  "small-context|--context-scale 0.3 0.4 --min-keep 4"  # on 8x8 a small context rarely keeps 10 patches
+data=${1:-../shared/data/cifar10-mini}; shift || true
+common="--preset small --data $data --knn-every 390 --log-every 130"
+plain="$common --vicreg 0 --invariance 0 --target-layers 1 --rgb-aux 0 --loss smooth_l1"
+heavy="--context complement --num-targets 8 --target-scale 0.15 0.15"  # V-JEPA's masks: ~83% hidden on 8x8
+declare -A rows=(
+  [plain]="$plain"
+  [plain-target-shared]="$plain --target shared"
+  [plain-sigreg-shared]="$plain --sigreg 0.05 --target shared"
+  [plain-sigreg]="$plain --sigreg 0.05"
+  [plain-ema-0]="$plain --ema 0 0"
+  [plain-ema-0.9]="$plain --ema 0.9 0.9"
+  [plain-target-frozen]="$plain --target frozen"
+  [plain-vicreg-1]="$plain --vicreg 1"
+  [plain-vjepa]="$plain --loss l1 $heavy"
+  [plain-target-norm-none]="$plain --target-norm none"
+  [plain-loss-l2]="$plain --loss l2"
+  [plain-loss-cosine]="$plain --loss cosine"
+  [plain-salt-1]="$plain --latent-weight 0 --rgb-aux 1 --steps 1950"  # SALT: half the steps
+  [plain-salt-2]="$plain --target frozen --teacher runs/study/plain-salt-1/latest.pt --steps 1950"
+  [small]="$common"
+  [small-target-shared]="$common --target shared"
+  [small-sigreg-shared]="$common --sigreg 0.05 --target shared"
+  [small-vicreg-0]="$common --vicreg 0"
 )
-for i in "${!configs[@]}"; do
-  (( i % lanes == lane )) || continue
-  name=${configs[$i]%%|*}; flags=${configs[$i]#*|}
-  python train.py $base $flags --out runs/study/$name | grep '^summary' > runs/study/$name.summary
+names=("$@")
+(( ${#names[@]} )) || names=(plain plain-target-shared plain-sigreg-shared small plain-sigreg plain-ema-0
+  plain-target-frozen plain-vicreg-1 plain-vjepa plain-salt-1 plain-salt-2 plain-target-norm-none plain-loss-l2
+  plain-loss-cosine plain-ema-0.9 small-target-shared small-sigreg-shared small-vicreg-0)
+mkdir -p runs/study
+for name in "${names[@]}"; do
+  python train.py ${rows[$name]} --out runs/study/$name | grep '^summary' > runs/study/$name.summary
   echo "$name | $(cat runs/study/$name.summary)"
 done
