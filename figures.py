@@ -5,8 +5,9 @@
 
 masks.png: masks.sample_masks over a demo image, at the ImageNet grid (14 x 14) and the demo's (8 x 8).
 study.png: the stability study (RESULTS.md, study.sh): kNN, effective rank and feature std against steps, a
-line per configuration, from OUT/log.csv of each run; its table and rank correlations are printed. small.png: the small-data preset's kNN against training
-minutes, with random init and raw pixels as flat references. matplotlib is needed here only.
+line per configuration, from OUT/log.csv of each run; its table and rank correlations are printed.
+small.png: the small-data preset's kNN against training minutes, with random init and raw pixels as flat
+references. matplotlib is needed here only.
 """
 import argparse
 import csv
@@ -97,7 +98,8 @@ def draw_study(folder, path):
         axes[0].axhline(float(line.split("knn_top1_random=")[1].split()[0]), color="black", ls=":", label="random init")
     axes[0].axhline(RAW_PIXELS, color="gray", ls=":", label="raw pixels")
     for name, log in logs.items():
-        style = dict(lw=2.4 if name in ("plain", "small") else 1.2, ls="--" if "shared" in name or "ema" in name else "-")
+        dashed = "shared" in name or "ema" in name  # no slow target
+        style = dict(lw=2.4 if name in ("plain", "small") else 1.2, ls="--" if dashed else "-")
         knn = [(s, k) for s, k in zip(log["step"], log["knn_top1"]) if k is not None]
         axes[0].plot(*zip(*knn), marker="o", ms=3, label=name, **style)
         axes[1].plot(log["step"], log["eff_rank"], **style)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The stability study (RESULTS.md, "The stability study at the small preset's budget"): I-JEPA's guards broken on purpose and the
-# other mechanisms switched on, each run for the small preset's budget (3,900 steps of 64 on cifar10-mini,
-# 22-31 min a run on 2 AVX-512 cores), kNN every 390 steps, one run per row into runs/study/NAME/ (log.csv: loss,
-# std, eff_rank, the SIGReg statistic, kNN) and its summary line into runs/study/NAME.summary.
+# The stability study (RESULTS.md, "The stability study at the small preset's budget"): I-JEPA's guards
+# broken on purpose and the other mechanisms switched on, each run for the small preset's budget (3,900
+# steps of 64 on cifar10-mini, 22-31 min a run on 2 AVX-512 cores), kNN every 390 steps, one run per row
+# into runs/study/NAME/ (log.csv: loss, std, eff_rank, the SIGReg statistic, kNN) and its summary line
+# into runs/study/NAME.summary.
 #   bash study.sh [DATA] [NAME ...]     # no names: every row, one after another
 # Two bases: "plain" is the paper's recipe (smooth L1 on the last layer's normalised target, no extra
 # term) fitted to the budget; "small" is --preset small. Then `python figures.py --study runs/study`.

@@ -40,7 +40,7 @@ IMAGENET = dict(model="vit_base", depth=None, img_size=224, patch_size=16, pred_
                 target_layers=1, rgb_aux=0.0, workers=8)
 # The demo: built-in textures on a 2-core CPU in minutes. A 4-deep ViT-Tiny runs ~1.5x the steps of a
 # 6-deep one; the VICReg term (C-JEPA) is what makes it learn in that budget (plain I-JEPA stays at
-# random-init level there: RESULTS.md, the stability study).
+# random-init level there: EXPERIMENTS.md, the 200-step stability study).
 DEMO = dict(IMAGENET, model="vit_tiny", depth=4, img_size=32, patch_size=4, pred_depth=3, pred_dim=96, batch_size=64,
             epochs=None, steps=400, warmup=1, vicreg=1.0, workers=0)
 # Small data sets on a CPU (RESULTS.md, 'Small data'): plain I-JEPA peaks within a few hundred steps there,
