@@ -88,9 +88,8 @@ def study_runs(folder):
     return logs
 
 
-def draw_study(folder, path):
-    """kNN, effective rank and feature std against steps, a line per configuration (FOLDER/NAME/log.csv)."""
-    logs = study_runs(folder)
+def draw_study(folder, logs, path):
+    """kNN, effective rank and feature std against steps, a line per configuration (logs: study_runs(folder))."""
     fig, axes = plt.subplots(1, 3, figsize=(16, 5.2))
     summaries = glob.glob(os.path.join(folder, "*.summary"))
     if summaries:  # the random-init encoder of the same shape, scored by the same run
@@ -123,12 +122,12 @@ def spearman(a, b):
     return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
 
 
-def study_table(folder):
+def study_table(logs):
     """The study as markdown rows (last logged loss, std, rank and SIGReg statistic; last and best kNN),
     then the rank correlation across runs of the final loss and of the SIGReg statistic with final kNN."""
     rows, finals = ["| run | loss | std | eff. rank | SIGReg stat. | kNN at end | best kNN (step) |",
                     "| --- | --- | --- | --- | --- | --- | --- |"], []
-    for name, log in study_runs(folder).items():
+    for name, log in logs.items():
         knn = [(k, s) for s, k in zip(log["step"], log["knn_top1"]) if k is not None]
         last = {k: log.get(k, [math.nan])[-1] for k in ("loss", "std_mean", "eff_rank", "sigreg")}
         rows.append(f"| {name} | {last['loss']:.3g} | {last['std_mean']:.3f} | {last['eff_rank']:.2f} | "
@@ -136,7 +135,7 @@ def study_table(folder):
         if not name.endswith("salt-1"):  # SALT is one run: its stage 2 ends it
             finals.append((last["loss"], last["sigreg"], knn[-1][0]))
     loss, stat, knn = zip(*finals)
-    logged = [(s, k) for s, _, k in zip(stat, loss, knn) if not math.isnan(s)]  # older logs have no SIGReg column
+    logged = [(s, k) for s, k in zip(stat, knn) if not math.isnan(s)]  # older logs have no SIGReg column
     rows.append(f"\nSpearman rank correlation with final kNN: final loss {spearman(loss, knn):+.2f} over "
                 f"{len(finals)} runs, SIGReg statistic {spearman(*zip(*logged)):+.2f} over {len(logged)} runs")
     return "\n".join(rows)
@@ -171,9 +170,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     draw_masks(os.path.join(args.out, "masks.png"), args.image)
-    draw_study(args.study, os.path.join(args.out, "study.png"))
+    study = study_runs(args.study)
+    draw_study(args.study, study, os.path.join(args.out, "study.png"))
     draw_small(args.small, os.path.join(args.out, "small.png"))
-    print(study_table(args.study))
+    print(study_table(study))
     print(f"wrote masks.png, study.png and small.png to {args.out}")
 
 

@@ -4,7 +4,7 @@
 # steps of 64 on cifar10-mini, 22-31 min a run on 2 AVX-512 cores), kNN every 390 steps, one run per row
 # into runs/study/NAME/ (log.csv: loss, std, eff_rank, the SIGReg statistic, kNN) and its summary line
 # into runs/study/NAME.summary.
-#   bash study.sh [DATA] [NAME ...]     # no names: every row, one after another
+#   bash study.sh [DATA] [NAME ...]     # no names: every row; named rows run in the order below
 # Two bases: "plain" is the paper's recipe (smooth L1 on the last layer's normalised target, no extra
 # term) fitted to the budget; "small" is --preset small. Then `python figures.py --study runs/study`.
 set -euo pipefail
@@ -13,32 +13,33 @@ data=${1:-../shared/data/cifar10-mini}; shift || true
 common="--preset small --data $data --knn-every 390 --log-every 130"
 plain="$common --vicreg 0 --invariance 0 --target-layers 1 --rgb-aux 0 --loss smooth_l1"
 heavy="--context complement --num-targets 8 --target-scale 0.15 0.15"  # V-JEPA's masks: ~83% hidden on 8x8
-declare -A rows=(
-  [plain]="$plain"
-  [plain-target-shared]="$plain --target shared"
-  [plain-sigreg-shared]="$plain --sigreg 0.05 --target shared"
-  [plain-sigreg]="$plain --sigreg 0.05"
-  [plain-ema-0]="$plain --ema 0 0"
-  [plain-ema-0.9]="$plain --ema 0.9 0.9"
-  [plain-target-frozen]="$plain --target frozen"
-  [plain-vicreg-1]="$plain --vicreg 1"
-  [plain-vjepa]="$plain --loss l1 $heavy"
-  [plain-target-norm-none]="$plain --target-norm none"
-  [plain-loss-l2]="$plain --loss l2"
-  [plain-loss-cosine]="$plain --loss cosine"
-  [plain-salt-1]="$plain --latent-weight 0 --rgb-aux 1 --steps 1950"  # SALT: half the steps
-  [plain-salt-2]="$plain --target frozen --teacher runs/study/plain-salt-1/latest.pt --steps 1950"
-  [small]="$common"
-  [small-target-shared]="$common --target shared"
-  [small-sigreg-shared]="$common --sigreg 0.05 --target shared"
-  [small-vicreg-0]="$common --vicreg 0"
+rows=(  # in the order they run when no names are given: the rows that answer the most first
+  "plain|$plain"
+  "plain-target-shared|$plain --target shared"
+  "plain-sigreg-shared|$plain --sigreg 0.05 --target shared"
+  "small|$common"
+  "plain-sigreg|$plain --sigreg 0.05"
+  "plain-ema-0|$plain --ema 0 0"
+  "plain-target-frozen|$plain --target frozen"
+  "plain-vicreg-1|$plain --vicreg 1"
+  "plain-vjepa|$plain --loss l1 $heavy"
+  "plain-salt-1|$plain --latent-weight 0 --rgb-aux 1 --steps 1950"  # SALT: half the steps each
+  "plain-salt-2|$plain --target frozen --teacher runs/study/plain-salt-1/latest.pt --steps 1950"
+  "plain-target-norm-none|$plain --target-norm none"
+  "plain-loss-l2|$plain --loss l2"
+  "plain-loss-cosine|$plain --loss cosine"
+  "plain-ema-0.9|$plain --ema 0.9 0.9"
+  "small-target-shared|$common --target shared"
+  "small-sigreg-shared|$common --sigreg 0.05 --target shared"
+  "small-vicreg-0|$common --vicreg 0"
 )
-names=("$@")
-(( ${#names[@]} )) || names=(plain plain-target-shared plain-sigreg-shared small plain-sigreg plain-ema-0
-  plain-target-frozen plain-vicreg-1 plain-vjepa plain-salt-1 plain-salt-2 plain-target-norm-none plain-loss-l2
-  plain-loss-cosine plain-ema-0.9 small-target-shared small-sigreg-shared small-vicreg-0)
+for want in "$@"; do  # a misspelt name is an error, not a row silently skipped
+  printf '%s\n' "${rows[@]}" | grep -q "^$want|" || { echo "error: study.sh: no row named '$want'" >&2; exit 2; }
+done
 mkdir -p runs/study
-for name in "${names[@]}"; do
-  python train.py ${rows[$name]} --out runs/study/$name | grep '^summary' > runs/study/$name.summary
+for row in "${rows[@]}"; do
+  name=${row%%|*}; flags=${row#*|}
+  [[ $# -eq 0 || " $* " == *" $name "* ]] || continue
+  python train.py $flags --out runs/study/$name | grep '^summary' > runs/study/$name.summary
   echo "$name | $(cat runs/study/$name.summary)"
 done
