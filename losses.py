@@ -92,3 +92,12 @@ def collapse_stats(z):
     p = s / s.sum().clamp_min(1e-12) + 1e-12
     eff_rank = torch.exp(-(p * p.log()).sum())
     return {"std_mean": std.mean().item(), "std_min": std.min().item(), "eff_rank": eff_rank.item()}
+
+
+def collapse_suspected(stats, start):
+    """The monitor's alarm: the per-dimension std fell below a tenth of its value at the start of the run,
+    or the effective rank below a fifth of it or below 1.5 (the features lie nearly on one line). The floor
+    matters because a random-init encoder can start near rank 3 (cifar10-mini), where a fifth is under 1:
+    a slow target moved too fast (--ema 0 0) then sat at rank 1.3 with a seventh of the std, unflagged."""
+    return (stats["std_mean"] < 0.1 * start["std_mean"]
+            or stats["eff_rank"] < max(0.2 * start["eff_rank"], 1.5))

@@ -695,6 +695,28 @@ def test_shared_target_collapses_and_default_does_not(tmp_path):
     assert default["collapse_warnings"] == 0
 
 
+def test_study_spearman_matches_pearson_of_ranks_by_hand():
+    # the study's "does the loss tell you anything" number: Spearman = Pearson correlation of the ranks
+    import figures  # matplotlib is in requirements.txt; only this test needs it
+    a, b = [0.3, 0.1, 0.7, 0.5, 0.2], [36.0, 12.5, 20.1, 41.0, 30.0]
+    ra = [sorted(a).index(x) for x in a]
+    rb = [sorted(b).index(x) for x in b]
+    ma, mb = sum(ra) / 5, sum(rb) / 5
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    naive = cov / math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb))
+    assert figures.spearman(a, b) == pytest.approx(naive) and abs(naive) < 1  # a mixed order, not a trivial +-1
+    assert figures.spearman(a, [-x for x in a]) == pytest.approx(-1.0)
+
+
+def test_collapse_alarm_fires_on_one_direction_even_from_a_low_start():
+    from losses import collapse_suspected
+    start = {"std_mean": 0.129, "eff_rank": 2.9}  # a random-init encoder's pooled features on cifar10-mini
+    assert not collapse_suspected({"std_mean": 0.23, "eff_rank": 7.9}, start)  # plain I-JEPA at 3,900 steps
+    assert collapse_suspected({"std_mean": 0.018, "eff_rank": 1.34}, start)  # --ema 0 0: one direction
+    assert collapse_suspected({"std_mean": 0.0005, "eff_rank": 2.5}, start)  # the std alone fell 250x
+    assert not collapse_suspected({"std_mean": 0.3, "eff_rank": 1.6}, {"std_mean": 0.3, "eff_rank": 2.0})
+
+
 def test_rgb_aux_and_frozen_target_run(tmp_path):
     summary = train.main(["--data", "demo", "--steps", "2", "--batch-size", "8", "--rgb-aux", "0.1",
                           "--target", "frozen", *TINY, "--out", str(tmp_path)])

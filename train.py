@@ -26,7 +26,7 @@ import data
 import models
 from ema import ema_update, make_target, momentum_at
 from eval_knn import knn_evaluate, load_checkpoint, load_encoder
-from losses import collapse_stats, jepa_loss, sigreg, vicreg_loss
+from losses import collapse_stats, collapse_suspected, jepa_loss, sigreg, vicreg_loss
 from masks import apply_masks, sample_masks
 
 # ---------------------------------------------------------------------------------------------- presets
@@ -554,7 +554,7 @@ def main(argv=None):
                 writer.writerow([done, step // steps_per_epoch, loss_value, lr, wd, m, img_s, stats["std_mean"],
                                  stats["std_min"], stats["eff_rank"], stats["sigreg"], knn[0] if knn else ""])
                 csv_file.flush()
-            if stats["std_mean"] < 0.1 * reference["std_mean"] or stats["eff_rank"] < 0.2 * reference["eff_rank"]:
+            if collapse_suspected(stats, reference):
                 warnings += 1
                 log(f"warning: representation collapse suspected at step {done}: std {stats['std_mean']:.4f} "
                     f"(start {reference['std_mean']:.4f}), eff_rank {stats['eff_rank']:.2f} "
