@@ -96,9 +96,10 @@ def draw_study(folder, logs, path):
         line = open(summaries[0]).read()
         axes[0].axhline(float(line.split("knn_top1_random=")[1].split()[0]), color="black", ls=":", label="random init")
     axes[0].axhline(RAW_PIXELS, color="gray", ls=":", label="raw pixels")
-    for name, log in logs.items():
+    colours = plt.get_cmap("tab20").colors
+    for i, (name, log) in enumerate(logs.items()):
         dashed = "shared" in name or "ema" in name  # no slow target
-        style = dict(lw=2.4 if name in ("plain", "small") else 1.2, ls="--" if dashed else "-")
+        style = dict(lw=2.4 if name in ("plain", "small") else 1.2, ls="--" if dashed else "-", color=colours[i % 20])
         knn = [(s, k) for s, k in zip(log["step"], log["knn_top1"]) if k is not None]
         axes[0].plot(*zip(*knn), marker="o", ms=3, label=name, **style)
         axes[1].plot(log["step"], log["eff_rank"], **style)
@@ -122,22 +123,42 @@ def spearman(a, b):
     return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
 
 
-def study_table(logs):
-    """The study as markdown rows (last logged loss, std, rank and SIGReg statistic; last and best kNN),
-    then the rank correlation across runs of the final loss and of the SIGReg statistic with final kNN."""
-    rows, finals = ["| run | loss | std | eff. rank | SIGReg stat. | kNN at end | best kNN (step) |",
-                    "| --- | --- | --- | --- | --- | --- | --- |"], []
+def eval_summary(folder, name):
+    """{key: float} from the summary line of FOLDER/NAME.eval (eval_knn.py's output), or {} if none."""
+    path = os.path.join(folder, f"{name}.eval")
+    lines = open(path).read().splitlines() if os.path.exists(path) else []
+    found = [line for line in lines if line.startswith("summary:")]
+    return {k: float(v) for k, v in (kv.split("=") for kv in found[-1].split()[1:])} if found else {}
+
+
+def study_table(folder, logs):
+    """The study as markdown rows (last logged loss, std, rank and SIGReg statistic; last and best in-run
+    kNN; eval_knn.py's float32 kNN and linear probe where FOLDER/NAME.eval holds them; * marks a frozen
+    target, whose monitor columns are the teacher's, not the evaluated student's), then the rank
+    correlation across runs of the final loss and of the SIGReg statistic with final kNN: over every run,
+    and over the plain-base runs whose loss is plain I-JEPA's (smooth L1, no added term) so on one scale."""
+    rows = ["| run | loss | std | eff. rank | SIGReg stat. | kNN at end | best kNN (step) | eval kNN | probe |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    finals = {}
     for name, log in logs.items():
         knn = [(k, s) for s, k in zip(log["step"], log["knn_top1"]) if k is not None]
         last = {k: log.get(k, [math.nan])[-1] for k in ("loss", "std_mean", "eff_rank", "sigreg")}
-        rows.append(f"| {name} | {last['loss']:.3g} | {last['std_mean']:.3f} | {last['eff_rank']:.2f} | "
-                    f"{last['sigreg']:.1f} | {knn[-1][0]:.2f}% | {max(knn)[0]:.2f}% ({max(knn)[1]:.0f}) |")
+        ev, best = eval_summary(folder, name), max(knn, key=lambda ks: (ks[0], -ks[1]))  # a tie: the first
+        frozen = "frozen" in name or name.endswith("salt-2")  # std, rank, SIGReg: the frozen teacher's
+        rows.append(f"| {name} | {last['loss']:.3g} | {last['std_mean']:.3f}{'*' * frozen} | "
+                    f"{last['eff_rank']:.2f} | {last['sigreg']:.1f} | {knn[-1][0]:.2f}% | "
+                    f"{best[0]:.2f}% ({best[1]:.0f}) | "
+                    f"{ev.get('knn_top1', math.nan):.2f}% | {ev.get('linear_top1', math.nan):.2f}% |")
         if not name.endswith("salt-1"):  # SALT is one run: its stage 2 ends it
-            finals.append((last["loss"], last["sigreg"], knn[-1][0]))
-    loss, stat, knn = zip(*finals)
-    logged = [(s, k) for s, k in zip(stat, knn) if not math.isnan(s)]  # older logs have no SIGReg column
-    rows.append(f"\nSpearman rank correlation with final kNN: final loss {spearman(loss, knn):+.2f} over "
-                f"{len(finals)} runs, SIGReg statistic {spearman(*zip(*logged)):+.2f} over {len(logged)} runs")
+            finals[name] = (last["loss"], math.nan if frozen else last["sigreg"], knn[-1][0])
+    one_scale = [n for n in finals if n.startswith("plain") and not any(
+        w in n for w in ("sigreg", "vicreg", "loss-", "vjepa", "norm-none"))]
+    for title, names in [("every run", list(finals)), ("plain-base runs with plain I-JEPA's loss", one_scale)]:
+        loss, stat, knn = zip(*(finals[n] for n in names))
+        logged = [(s, k) for s, k in zip(stat, knn) if not math.isnan(s)]  # no column in older logs; frozen targets
+        rho = spearman(*zip(*logged)) if logged else math.nan
+        rows.append(f"\nSpearman rank correlation with final kNN, {title}: final loss {spearman(loss, knn):+.2f} "
+                    f"over {len(names)} runs, SIGReg statistic {rho:+.2f} over {len(logged)}")
     return "\n".join(rows)
 
 
@@ -173,7 +194,7 @@ def main(argv=None):
     study = study_runs(args.study)
     draw_study(args.study, study, os.path.join(args.out, "study.png"))
     draw_small(args.small, os.path.join(args.out, "small.png"))
-    print(study_table(study))
+    print(study_table(args.study, study))
     print(f"wrote masks.png, study.png and small.png to {args.out}")
 
 
