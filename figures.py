@@ -47,6 +47,16 @@ def read_log(path):
     return {k: [float(r[k]) if r[k] else None for r in rows] for k in rows[0]}
 
 
+def read_summary(path):
+    """{key: float} from the last "summary: k=v ..." line of a file (train.py's NAME.summary or eval_knn.py's
+    NAME.eval), or {} if there is no such file or line."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        found = [line for line in f if line.startswith("summary:")]
+    return {k: float(v) for k, v in (kv.split("=") for kv in found[-1].split()[1:])} if found else {}
+
+
 def draw_masks(path, image=None, seed=3):
     """Context and the four target blocks over one image (a demo texture unless `image` is a file), at
     both grids; one row a grid."""
@@ -93,8 +103,7 @@ def draw_study(folder, logs, path):
     fig, axes = plt.subplots(1, 3, figsize=(16, 5.2))
     summaries = glob.glob(os.path.join(folder, "*.summary"))
     if summaries:  # the random-init encoder of the same shape, scored by the same run
-        line = open(summaries[0]).read()
-        axes[0].axhline(float(line.split("knn_top1_random=")[1].split()[0]), color="black", ls=":", label="random init")
+        axes[0].axhline(read_summary(summaries[0])["knn_top1_random"], color="black", ls=":", label="random init")
     axes[0].axhline(RAW_PIXELS, color="gray", ls=":", label="raw pixels")
     colours = plt.get_cmap("tab20").colors
     for i, (name, log) in enumerate(logs.items()):
@@ -123,12 +132,6 @@ def spearman(a, b):
     return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
 
 
-def eval_summary(folder, name):
-    """{key: float} from the summary line of FOLDER/NAME.eval (eval_knn.py's output), or {} if none."""
-    path = os.path.join(folder, f"{name}.eval")
-    lines = open(path).read().splitlines() if os.path.exists(path) else []
-    found = [line for line in lines if line.startswith("summary:")]
-    return {k: float(v) for k, v in (kv.split("=") for kv in found[-1].split()[1:])} if found else {}
 
 
 def study_table(folder, logs):
@@ -143,7 +146,8 @@ def study_table(folder, logs):
     for name, log in logs.items():
         knn = [(k, s) for s, k in zip(log["step"], log["knn_top1"]) if k is not None]
         last = {k: log.get(k, [math.nan])[-1] for k in ("loss", "std_mean", "eff_rank", "sigreg")}
-        ev, best = eval_summary(folder, name), max(knn, key=lambda ks: (ks[0], -ks[1]))  # a tie: the first
+        ev = read_summary(os.path.join(folder, f"{name}.eval"))  # eval_knn.py's output, if kept
+        best = max(knn, key=lambda ks: (ks[0], -ks[1]))  # a tie: the first
         frozen = "frozen" in name or name.endswith("salt-2")  # std, rank, SIGReg: the frozen teacher's
         rows.append(f"| {name} | {last['loss']:.3g} | {last['std_mean']:.3f}{'*' * frozen} | "
                     f"{last['eff_rank']:.2f} | {last['sigreg']:.1f} | {knn[-1][0]:.2f}% | "
