@@ -100,7 +100,7 @@ def study_runs(folder):
 
 def draw_study(folder, logs, path):
     """kNN, effective rank and feature std against steps, a line per configuration (logs: study_runs(folder))."""
-    fig, axes = plt.subplots(1, 3, figsize=(16, 5.2))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 6))
     summaries = glob.glob(os.path.join(folder, "*.summary"))
     if summaries:  # the random-init encoder of the same shape, scored by the same run
         axes[0].axhline(read_summary(summaries[0])["knn_top1_random"], color="black", ls=":", label="random init")
@@ -118,9 +118,9 @@ def draw_study(folder, logs, path):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
     axes[2].set_yscale("log")
-    axes[0].legend(fontsize=7, ncol=2)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=7, fontsize=8)  # below: 20 lines
     fig.suptitle("Mechanisms on and off (cifar10-mini, 4-deep ViT-Tiny/4, 3,900 steps of 64): dashed = no slow target")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     fig.savefig(path, dpi=90)
 
 
@@ -149,10 +149,11 @@ def study_table(folder, logs):
         ev = read_summary(os.path.join(folder, f"{name}.eval"))  # eval_knn.py's output, if kept
         best = max(knn, key=lambda ks: (ks[0], -ks[1]))  # a tie: the first
         frozen = "frozen" in name or name.endswith("salt-2")  # std, rank, SIGReg: the frozen teacher's
+        missing = lambda v, fmt, unit="": "-" if math.isnan(v) else format(v, fmt) + unit  # not logged / evaluated
         rows.append(f"| {name} | {last['loss']:.3g} | {last['std_mean']:.3f}{'*' * frozen} | "
-                    f"{last['eff_rank']:.2f} | {last['sigreg']:.1f} | {knn[-1][0]:.2f}% | "
-                    f"{best[0]:.2f}% ({best[1]:.0f}) | "
-                    f"{ev.get('knn_top1', math.nan):.2f}% | {ev.get('linear_top1', math.nan):.2f}% |")
+                    f"{last['eff_rank']:.2f} | {missing(last['sigreg'], '.1f')} | {knn[-1][0]:.2f}% | "
+                    f"{best[0]:.2f}% ({best[1]:.0f}) | {missing(ev.get('knn_top1', math.nan), '.2f', '%')} | "
+                    f"{missing(ev.get('linear_top1', math.nan), '.2f', '%')} |")
         if not name.endswith("salt-1"):  # SALT is one run: its stage 2 ends it
             finals[name] = (last["loss"], math.nan if frozen else last["sigreg"], knn[-1][0])
     one_scale = [n for n in finals if n.startswith("plain") and not any(
