@@ -29,6 +29,7 @@ rows=(  # in the order they run when no names are given: the rows that answer th
   "plain-salt-2|$plain --target frozen --teacher runs/study/plain-salt-1/latest.pt --steps 1950"
   "plain-target-norm-none|$plain --target-norm none"
   "plain-loss-l2|$plain --loss l2"
+  "plain-loss-l1|$plain --loss l1"
   "plain-loss-cosine|$plain --loss cosine"
   "plain-ema-0.9|$plain --ema 0.9 0.9"
   "small-target-shared|$common --target shared"
