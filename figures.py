@@ -132,8 +132,6 @@ def spearman(a, b):
     return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
 
 
-
-
 def study_table(folder, logs):
     """The study as markdown rows (last logged loss, std, rank and SIGReg statistic; last and best in-run
     kNN; eval_knn.py's float32 kNN and linear probe where FOLDER/NAME.eval holds them; * marks a frozen
@@ -143,13 +141,13 @@ def study_table(folder, logs):
     rows = ["| run | loss | std | eff. rank | SIGReg stat. | kNN at end | best kNN (step) | eval kNN | probe |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     finals = {}
+    missing = lambda v, fmt, unit="": "-" if math.isnan(v) else format(v, fmt) + unit  # not logged / evaluated
     for name, log in logs.items():
         knn = [(k, s) for s, k in zip(log["step"], log["knn_top1"]) if k is not None]
         last = {k: log.get(k, [math.nan])[-1] for k in ("loss", "std_mean", "eff_rank", "sigreg")}
         ev = read_summary(os.path.join(folder, f"{name}.eval"))  # eval_knn.py's output, if kept
         best = max(knn, key=lambda ks: (ks[0], -ks[1]))  # a tie: the first
         frozen = "frozen" in name or name.endswith("salt-2")  # std, rank, SIGReg: the frozen teacher's
-        missing = lambda v, fmt, unit="": "-" if math.isnan(v) else format(v, fmt) + unit  # not logged / evaluated
         rows.append(f"| {name} | {last['loss']:.3g} | {last['std_mean']:.3f}{'*' * frozen} | "
                     f"{last['eff_rank']:.2f} | {missing(last['sigreg'], '.1f')} | {knn[-1][0]:.2f}% | "
                     f"{best[0]:.2f}% ({best[1]:.0f}) | {missing(ev.get('knn_top1', math.nan), '.2f', '%')} | "
