@@ -63,8 +63,7 @@ def main():
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     torch.manual_seed(0)
     nets, optimizer, _ = train.build(args, device)
-    if args.compile:
-        nets.encoder, nets.predictor = (torch.compile(m, dynamic=True) for m in (nets.encoder, nets.predictor))
+    train.wrap(nets, args, device, ddp=False)  # torch.compile with --compile, as train.py
     grid, B = args.img_size // args.patch_size, args.batch_size
     mask_kw = train.mask_settings(args)
     imgs = torch.randn(B, 3, args.img_size, args.img_size, device=device)

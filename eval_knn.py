@@ -11,29 +11,16 @@ neighbour's class. The linear probe is the paper's headline metric, done the che
 """
 import argparse
 import os
-import pickle
 
 import torch
 import torch.nn.functional as F
 
 import models
+from checkpoint import load_checkpoint  # weights_only: a checkpoint never runs code
 from data import CenterCrop, ImageFolder, make_datasets
 
 
 # ------------------------------------------------------------------------------------ checkpoints
-
-def load_checkpoint(path):
-    """torch.load with weights_only=True: tensors and plain containers only, never pickled code."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise SystemExit(f"error: refusing to load {path}: it holds pickled objects other than tensors "
-                         f"and plain containers, which could run code ({str(e).splitlines()[0]})") from None
-    except (RuntimeError, EOFError) as e:
-        raise SystemExit(f"error: {path} is not a readable checkpoint ({str(e).splitlines()[0]})") from None
-
 
 def encoder_config_from_weights(state, patch_size=None):
     """Infer the architecture of an official checkpoint, which stores no config, from its shapes."""
@@ -96,10 +83,11 @@ def knn_classify(bank, bank_labels, queries, query_labels, k=20, temperature=0.0
     return 100.0 * top1 / len(queries), 100.0 * top5 / len(queries)
 
 
-def knn_evaluate(encoder, bank_loader, query_loader, device, dtype=torch.float32, k=20, temperature=0.07):
-    """The function train.py calls: features of both sets, then weighted kNN -> (top1, top5)."""
-    bank, bank_labels = extract_features(encoder, bank_loader, device, dtype)
-    queries, query_labels = extract_features(encoder, query_loader, device, dtype)
+def knn_evaluate(encoder, bank_set, query_set, device, dtype=torch.float32, workers=0, k=20, temperature=0.07):
+    """The function train.py calls: features of both data sets, then weighted kNN -> (top1, top5)."""
+    (bank, bank_labels), (queries, query_labels) = (
+        extract_features(encoder, torch.utils.data.DataLoader(s, batch_size=256, num_workers=workers), device, dtype)
+        for s in (bank_set, query_set))
     return knn_classify(bank, bank_labels, queries, query_labels, k, temperature)
 
 

@@ -35,6 +35,15 @@ def jepa_loss(pred, target, kind="smooth_l1", *, stop_gradient=True):
     raise ValueError(f"unknown loss kind {kind!r}: use smooth_l1, l2, l1 or cosine")
 
 
+def pixel_targets(imgs, p):
+    """The pixel auxiliary loss's targets (train.py --rgb-aux): (B, 3, H, W) -> (B, N, 3 p p) pixels per
+    patch, each patch normalised to zero mean and unit variance (MAE's normalised-pixel target), in the
+    patch order of the encoder."""
+    x = imgs.unfold(2, p, p).unfold(3, p, p)  # (B, 3, H/p, W/p, p, p)
+    x = x.permute(0, 2, 3, 1, 4, 5).flatten(3).flatten(1, 2)  # (B, N, 3 p p)
+    return (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + 1e-6).sqrt()
+
+
 def vicreg_loss(z, std_target=1.0, eps=1e-4):
     """VICReg variance and covariance terms of z (n, D) -> (variance_term, covariance_term).
 

@@ -322,7 +322,9 @@ from types import SimpleNamespace
 import numpy as np
 from PIL import Image
 
+import checkpoint
 import data
+import losses
 import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -470,13 +472,12 @@ class Malicious:
 
 
 def test_pickled_object_in_checkpoint_is_refused_without_running(tmp_path):
-    import eval_knn
     path = tmp_path / "evil.pt"
     torch.save({"encoder": {}, "payload": Malicious()}, path)
     if os.path.exists("/tmp/pwned-by-checkpoint"):
         os.remove("/tmp/pwned-by-checkpoint")
     with pytest.raises(SystemExit, match="refusing to load"):
-        eval_knn.load_checkpoint(str(path))
+        checkpoint.load_checkpoint(str(path))
     assert not os.path.exists("/tmp/pwned-by-checkpoint")
 
 
@@ -657,13 +658,13 @@ def test_best_checkpoint_holds_the_best_knn_and_survives_resume(tmp_path):
 
 
 def test_best_checkpoint_is_never_written_with_non_finite_weights(tmp_path):
-    # train.py writes best.pt and latest.pt through the one guard; a non-finite weight stops the write
+    # train.py writes best.pt and latest.pt through checkpoint.py's one guard; a non-finite weight stops the write
     good = {part: {"w": torch.ones(2)} for part in ("encoder", "predictor", "target_encoder")}
-    train.save_checkpoint(str(tmp_path / "best.pt"), {**good, "step": 1})
+    checkpoint.save_checkpoint(str(tmp_path / "best.pt"), {**good, "step": 1})
     before = open(tmp_path / "best.pt", "rb").read()
     bad = {**good, "encoder": {"w": torch.tensor([1.0, float("inf")])}, "step": 2}
     with pytest.raises(SystemExit, match="non-finite encoder weights at step 2"):
-        train.save_checkpoint(str(tmp_path / "best.pt"), bad)
+        checkpoint.save_checkpoint(str(tmp_path / "best.pt"), bad)
     assert open(tmp_path / "best.pt", "rb").read() == before and not (tmp_path / "best.pt.tmp").exists()
 
 
@@ -727,9 +728,9 @@ def test_rgb_aux_and_frozen_target_run(tmp_path):
     assert all(torch.equal(init[k], v) for k, v in ckpt["target_encoder"].items())
 
 
-def test_patch_pixels_match_loop():
+def test_pixel_targets_match_loop():
     imgs = torch.randn(2, 3, 8, 12)
-    px = train.patch_pixels(imgs, 4)  # (2, 6, 48)
+    px = losses.pixel_targets(imgs, 4)  # (2, 6, 48)
     patch = imgs[1, :, 4:8, 8:12].flatten()  # row 1, column 2 -> patch index 1 * 3 + 2
     torch.testing.assert_close(px[1, 5], (patch - patch.mean()) / (patch.var() + 1e-6).sqrt())
 
@@ -823,7 +824,7 @@ def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)  # a real signal to a real process, mid-run
     stdout, stderr = proc.communicate()
-    assert proc.returncode == train.STOPPED_BY_SIGNAL and "stopped by a signal" in stdout, stderr
+    assert proc.returncode == checkpoint.STOPPED_BY_SIGNAL and "stopped by a signal" in stdout, stderr
     stopped_at = load(out / "latest.pt")["step"]
     assert 10 <= stopped_at < 40
     assert run_train(*common, "--out", str(out), "--auto-resume").returncode == 0

@@ -7,14 +7,15 @@
 The file reads in the order a run happens: presets and flags; the schedules, pure functions of the step;
 the I-JEPA step (paper Sec. 3: the target encoder embeds the whole image without gradients, the context
 encoder embeds the context patches, the predictor predicts the target features, the loss trains the
-context encoder and predictor, the target follows by EMA); checkpoints; then main, which wires them up.
+context encoder and predictor, the target follows by EMA); the networks; setting up and the monitor; then
+main, in three phases: set up, the loop, the end. Restart safety (refusing to overwrite a run, atomic
+saves, exact resume, stop signals, best.pt) is checkpoint.py's; the images are data.py's.
 """
 import argparse
 import csv
 import math
 import os
 import resource
-import signal
 import time
 from types import SimpleNamespace
 
@@ -22,11 +23,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import checkpoint
 import data
 import models
 from ema import ema_update, make_target, momentum_at
-from eval_knn import knn_evaluate, load_checkpoint, load_encoder
-from losses import collapse_stats, collapse_suspected, jepa_loss, sigreg, vicreg_loss
+from eval_knn import knn_evaluate, load_encoder
+from losses import collapse_stats, collapse_suspected, jepa_loss, pixel_targets, sigreg, vicreg_loss
 from masks import apply_masks, sample_masks
 
 # ---------------------------------------------------------------------------------------------- presets
@@ -50,7 +52,6 @@ DEMO = dict(IMAGENET, model="vit_tiny", depth=4, img_size=32, patch_size=4, pred
 SMALL = dict(DEMO, steps=None, epochs=25, warmup=3, loss="l2", invariance=5.0, view_size=16, target_layers=4,
              rgb_aux=1.0)
 PRESETS = {"imagenet": IMAGENET, "demo": DEMO, "small": SMALL}
-STOPPED_BY_SIGNAL = 75  # the exit code after SIGTERM/SIGUSR1 (sysexits' EX_TEMPFAIL: "try again"); requeue on it
 
 
 class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
@@ -239,14 +240,6 @@ def target_features(target_encoder, imgs, layers, norm):
     return feats, torch.stack(outs).mean(dim=0)
 
 
-def patch_pixels(imgs, p):
-    """(B, 3, H, W) -> (B, N, 3 p p) pixels per patch, each patch normalised to zero mean and unit
-    variance (MAE's normalised-pixel target), in the patch order of the encoder."""
-    x = imgs.unfold(2, p, p).unfold(3, p, p)  # (B, 3, H/p, W/p, p, p)
-    x = x.permute(0, 2, 3, 1, 4, 5).flatten(3).flatten(1, 2)  # (B, N, 3 p p)
-    return (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + 1e-6).sqrt()
-
-
 def ijepa_loss(nets, imgs, masks_ctx, masks_tgt, args, view=None, step=0):
     """The I-JEPA objective on one batch (paper Sec. 3) -> (loss, the target encoder's output (B, N, D)).
     imgs (B, 3, H, W), masks_ctx (B, Kc), masks_tgt (B, M, Kt); view (B, 3, h, w) with --invariance only."""
@@ -266,7 +259,7 @@ def ijepa_loss(nets, imgs, masks_ctx, masks_tgt, args, view=None, step=0):
             pooled_view = nets.target(view).mean(dim=1)  # (B, D)
         loss = loss + args.invariance * jepa_loss(z.mean(dim=1), pooled_view, "cosine")
     if nets.rgb_head is not None:  # a pixel anchor: each prediction also regresses its patch's pixels
-        pixels = apply_masks(patch_pixels(imgs, args.patch_size), masks_tgt)  # (B, M, Kt, 3 p p)
+        pixels = apply_masks(pixel_targets(imgs, args.patch_size), masks_tgt)  # (B, M, Kt, 3 p p)
         loss = loss + args.rgb_aux * F.mse_loss(nets.rgb_head(preds), pixels)
     return loss, feats
 
@@ -336,9 +329,10 @@ def make_optimizer(params, lr, wd):
 
 
 def autocast_dtype(device, requested=None, log=print):
-    """The --dtype asked for, else bfloat16 where the hardware computes it: CUDA GPUs since Ampere, CPUs
-    with AVX-512 or AMX (oneDNN's bf16 kernels). Elsewhere bf16 is emulated (an AVX2-only CPU ran a bf16
-    matmul ~60x slower than float32), so such CPUs get float32, and pre-Ampere GPUs float16 with GradScaler."""
+    """The --dtype asked for, else bfloat16 where the hardware computes it: CUDA GPUs since Ampere; CPUs with
+    AVX-512 BF16 (AMD EPYC) or AMX (Intel Xeon, whose oneDNN runs bf16 matmuls on AMX tiles). Elsewhere bf16
+    is emulated (an AVX2-only CPU ran a bf16 matmul ~60x slower than float32), so such CPUs get float32, and
+    pre-Ampere GPUs float16 with GradScaler."""
     if requested:
         return getattr(torch, requested)
     if device.type == "cuda":
@@ -358,92 +352,11 @@ def peak_mem_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-# ---------------------------------------------------------------------------------------- checkpoints
+# -------------------------------------------------------------------- setting up, monitoring, the end
 
-def save_checkpoint(path, state):
-    """Write to a temporary file, then rename: a crash mid-save leaves the previous checkpoint whole.
-    Non-finite weights are never written over a good checkpoint."""
-    for part in ("encoder", "predictor", "target_encoder"):
-        if not all(torch.isfinite(v).all() for v in state[part].values() if v.is_floating_point()):
-            raise SystemExit(f"error: non-finite {part} weights at step {state['step']}; "
-                             f"{path} keeps the last good state")
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def checkpoint_state(nets, optimizer, scaler, step, steps_per_epoch, config, args, reference, best):
-    """Everything an exact resume needs; weights under the official names, unwrapped from DDP."""
-    return {"encoder": nets.online.state_dict(), "predictor": nets.raw_predictor.state_dict(),
-            "target_encoder": nets.target.state_dict(), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(), "step": step, "epoch": step // steps_per_epoch, "config": config,
-            "args": vars(args), "monitor_reference": reference, "best_step": best[0], "best_knn": best[1],
-            **({"rgb_head": nets.raw_rgb_head.state_dict()} if nets.rgb_head is not None else {})}
-
-
-def resume(path, nets, optimizer, scaler, config, args):
-    """Load OUT/latest.pt into the freshly built run -> (step to continue from, the monitor's yardstick)."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: --resume: no checkpoint at {path}")
-    ckpt = load_checkpoint(path)
-    if ckpt.get("config") != config:
-        raise SystemExit(f"error: --resume: {path} was trained with another architecture ({ckpt.get('config')}); "
-                         "pass the same --model/--img-size/--patch-size/--pred-* flags")
-    nets.encoder.load_state_dict(ckpt["encoder"])
-    nets.predictor.load_state_dict(ckpt["predictor"])
-    if args.target != "shared":
-        nets.target.load_state_dict(ckpt["target_encoder"])
-    if nets.rgb_head is not None:
-        nets.rgb_head.load_state_dict(ckpt["rgb_head"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
-    # the collapse monitor keeps its step-0 yardstick, and best.pt its record
-    return ckpt["step"], ckpt.get("monitor_reference"), (ckpt.get("best_step", 0), ckpt.get("best_knn", -1.0))
-
-
-def refuse_to_overwrite(path, args):
-    """A run directory is never destroyed by accident: a checkpoint there means resume or choose another --out.
-    With --auto-resume the same command line starts a run or continues it."""
-    exists = os.path.isfile(path)
-    if args.auto_resume:
-        args.resume = exists
-    elif exists and not args.resume:
-        step = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("step")
-        raise SystemExit(f"error: {path} already holds a run at step {step}: add --resume (or --auto-resume) to "
-                         "continue it, or give another --out")
-
-
-def trim_log(path, step):
-    """Keep log.csv's header and its rows up to `step`: the rows after the checkpoint are redone, so the log
-    ends as an uninterrupted run's would. Rewritten atomically, like the checkpoint."""
-    if not os.path.isfile(path):
-        return False
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    with open(path + ".tmp", "w", newline="") as f:
-        csv.writer(f).writerows(rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step])
-    os.replace(path + ".tmp", path)
-    return True
-
-
-def catch_stop_signals():
-    """SIGTERM (what schedulers send before killing a job) and SIGUSR1 (SLURM's --signal, sent early) ask
-    the loop to stop after the current step -> (the dict the handlers fill, the handlers to restore)."""
-    asked = {}
-    previous = {s: signal.signal(s, lambda signum, frame: asked.setdefault("signal", signum))
-                for s in (signal.SIGTERM, signal.SIGUSR1)}
-    return asked, previous
-
-
-def run_knn(encoder, bank_set, query_set, args, device, dtype):
-    loaders = [torch.utils.data.DataLoader(s, batch_size=256, num_workers=args.workers) for s in (bank_set, query_set)]
-    return knn_evaluate(encoder, *loaders, device, dtype)
-
-
-# ----------------------------------------------------------------------------------------------- main
-
-def main(argv=None):
-    args = get_args(argv)
-    # device, precision, processes: torchrun sets RANK; a plain run never touches torch.distributed
+def setup_processes(args):
+    """Device, processes and precision -> (ddp, device, rank, world, log, dtype). torchrun sets RANK; a plain
+    run never touches torch.distributed. Only rank 0 prints."""
     ddp = "RANK" in os.environ
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rank, world = 0, 1
@@ -453,40 +366,46 @@ def main(argv=None):
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
+    log = print if rank == 0 else (lambda *a, **k: None)
     dtype = autocast_dtype(device, args.dtype, log)
     args.dtype = str(dtype).removeprefix("torch.")
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    # bf16 has float32's exponent range, so gradients cannot underflow: no GradScaler (the official code
-    # uses one anyway); float16 does need one.
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    torch.manual_seed(args.seed)
+    return ddp, device, rank, world, log, dtype
 
-    # data, the length of the run, and the masks (bad mask flags fail here, in one line, not at step 1000)
+
+def setup_data(args, world):
+    """-> (training set, kNN bank, kNN queries, steps per epoch, total steps, warm-up steps). Bad mask flags
+    fail here, in one line, not at step 1000."""
     train_set, bank_set, query_set = data.make_datasets(args.data, args.img_size, args.seed, args.val_data)
     if args.knn_every and bank_set is None:
         raise SystemExit(f"error: --knn-every needs validation images: {args.data}/val or --val-data")
-    B, steps_per_epoch = args.batch_size, len(train_set) // (args.batch_size * world)
+    steps_per_epoch = len(train_set) // (args.batch_size * world)
     total = args.steps or args.epochs * steps_per_epoch
-    warmup = min(int(args.warmup * steps_per_epoch), total // 2)
-    grid = (args.img_size // args.patch_size,) * 2
-    mask_kw = mask_settings(args)
     try:
-        sample_masks(B * world, grid, generator=mask_generator(args.seed, 0), **mask_kw)
+        sample_masks(args.batch_size * world, args.img_size // args.patch_size,
+                     generator=mask_generator(args.seed, 0), **mask_settings(args))
     except ValueError as e:
         raise SystemExit(f"error: mask flags (--target-scale/--context-scale/--min-keep...): {e}") from None
+    return train_set, bank_set, query_set, steps_per_epoch, total, min(int(args.warmup * steps_per_epoch), total // 2)
 
-    # models, optimizer, and the state to continue from
-    nets, optimizer, config = build(args, device)
-    ckpt_path, log_path = os.path.join(args.out, "latest.pt"), os.path.join(args.out, "log.csv")
-    start, reference, best = 0, None, (0, -1.0)  # best: (step, kNN) of OUT/best.pt
-    refuse_to_overwrite(ckpt_path, args)
-    os.makedirs(args.out, exist_ok=True)
-    if args.resume:
-        start, reference, best = resume(ckpt_path, nets, optimizer, scaler, config, args)
-        log(f"resumed from {ckpt_path} at step {start}")
-    if ddp:  # only the trained modules are wrapped; the EMA target never is
+
+def resume(path, nets, optimizer, scaler, config, args):
+    """OUT/latest.pt into the freshly built run (checkpoint.py) -> (step to continue from, the monitor's
+    step-0 yardstick, best.pt's record (step, kNN)): the monitor and best.pt carry on where they were."""
+    ckpt = checkpoint.restore(path, trained_modules(nets, args.target != "shared"), optimizer, scaler, config)
+    return ckpt["step"], ckpt.get("monitor_reference"), (ckpt.get("best_step", 0), ckpt.get("best_knn", -1.0))
+
+
+def trained_modules(nets, with_target=True):
+    """The modules a checkpoint holds, unwrapped, under the official names (the target too: it is what the
+    paper evaluates; a shared target is the encoder itself, so resuming skips it)."""
+    return {"encoder": nets.online, "predictor": nets.raw_predictor,
+            **({"target_encoder": nets.target} if with_target else {}),
+            **({"rgb_head": nets.raw_rgb_head} if nets.rgb_head is not None else {})}
+
+
+def wrap(nets, args, device, ddp):
+    """DDP around the trained modules only (the EMA target never is), then torch.compile if asked."""
+    if ddp:
         ids = [device.index] if device.type == "cuda" else None
         nets.encoder, nets.predictor = (torch.nn.parallel.DistributedDataParallel(m, device_ids=ids)
                                         for m in (nets.encoder, nets.predictor))
@@ -494,24 +413,86 @@ def main(argv=None):
             nets.rgb_head = torch.nn.parallel.DistributedDataParallel(nets.rgb_head, device_ids=ids)
     if args.compile:
         nets.encoder, nets.predictor = (torch.compile(m, dynamic=True) for m in (nets.encoder, nets.predictor))
+
+
+LOG_COLUMNS = ["step", "epoch", "loss", "lr", "wd", "momentum", "img_per_s", "std_mean", "std_min", "eff_rank",
+               "sigreg", "knn_top1"]
+
+
+def monitor(feats, row, reference, device, log, csv_file, args):
+    """The collapse monitor on the target's pooled features (losses.py), then the log line, the CSV row and
+    the warning -> (stats, the step-0 yardstick, whether it warned). row: LOG_COLUMNS up to img_per_s, total,
+    step_s (seconds a step, or None while timing) and knn_top1 when it was measured."""
+    pooled = feats.mean(dim=1)  # (B, D)
+    stats = collapse_stats(pooled)
+    # a label-free collapse signal: SIGReg of the pooled target features along fixed directions
+    stats["sigreg"] = sigreg(pooled, generator=torch.Generator().manual_seed(args.seed)).item()
+    reference, knn, step_s = reference or stats, row.get("knn_top1"), row["step_s"]
+    speed = (f"{row['img_per_s']:.0f} img/s ETA {(row['total'] - row['step']) * step_s / 60:.1f} min" if step_s
+             else "timing...")
+    log(f"step {row['step']}/{row['total']} ep {row['epoch']} loss {row['loss']:.4f} lr {row['lr']:.2e} "
+        f"wd {row['wd']:.3f} mom {row['momentum']:.4f} | {speed} mem {peak_mem_mb(device):.0f}MB | "
+        f"std {stats['std_mean']:.3f} (min {stats['std_min']:.3f}) rank {stats['eff_rank']:.1f} "
+        f"sigreg {stats['sigreg']:.1f}" + (f" | kNN {knn:.1f}%" if knn is not None else ""), flush=True)
+    if csv_file is not None:
+        csv.writer(csv_file).writerow([{**row, **stats}.get(c, "") for c in LOG_COLUMNS])
+        csv_file.flush()
+    warned = collapse_suspected(stats, reference)
+    if warned:
+        log(f"warning: representation collapse suspected at step {row['step']}: std {stats['std_mean']:.4f} "
+            f"(start {reference['std_mean']:.4f}), eff_rank {stats['eff_rank']:.2f} "
+            f"(start {reference['eff_rank']:.2f})")
+        if args.stop_on_collapse:
+            raise SystemExit(f"error: stopped on collapse at step {row['step']} (--stop-on-collapse)")
+    return stats, reference, warned
+
+
+def final_knn(evaluated, which, config, bank_set, query_set, args, device, dtype, log):
+    """The end of a run: kNN of the trained encoder against a random-init encoder of the same shape."""
+    torch.manual_seed(args.seed + 1)
+    trained = knn_evaluate(evaluated, bank_set, query_set, device, dtype, args.workers)[0]
+    random = knn_evaluate(models.VisionTransformer(**config["encoder"]).to(device), bank_set, query_set, device,
+                          dtype, args.workers)[0]
+    log(f"kNN top-1 on held-out images: trained {which} encoder {trained:.1f}%, random init {random:.1f}%")
+    return dict(knn_top1=trained, knn_top1_random=random)
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+def main(argv=None):
+    args = get_args(argv)
+    # set up: processes and precision; data and the length of the run; networks; the state to go on from
+    ddp, device, rank, world, log, dtype = setup_processes(args)
+    master, B, grid, mask_kw = rank == 0, args.batch_size, (args.img_size // args.patch_size,) * 2, mask_settings(args)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    # bf16 has float32's exponent range, so gradients cannot underflow: no GradScaler (the official code
+    # uses one anyway); float16 does need one.
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    torch.manual_seed(args.seed)
+    train_set, bank_set, query_set, steps_per_epoch, total, warmup = setup_data(args, world)
+    nets, optimizer, config = build(args, device)
+    ckpt_path, log_path = checkpoint.claim_run(args.out, args), os.path.join(args.out, "log.csv")
+    start, reference, best = 0, None, (0, -1.0)  # best: (step, kNN) of OUT/best.pt
+    if args.resume:
+        start, reference, best = resume(ckpt_path, nets, optimizer, scaler, config, args)
+        log(f"resumed from {ckpt_path} at step {start}")
+    wrap(nets, args, device, ddp)
     loader = torch.utils.data.DataLoader(
         train_set, batch_sampler=data.StepBatches(len(train_set), B, rank, world, args.seed, start, total),
         num_workers=args.workers, pin_memory=device.type == "cuda")
-    n_params = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
     log(f"I-JEPA: {args.model}/{args.patch_size} at {args.img_size}px ({grid[0]}x{grid[1]} patches), "
-        f"{n_params / 1e6:.1f}M trained params, {len(train_set)} images, {world} process(es) x batch {B}, "
-        f"{total} steps, {args.dtype} on {device}, target={args.target}")
+        f"{sum(p.numel() for g in optimizer.param_groups for p in g['params']) / 1e6:.1f}M trained params, "
+        f"{len(train_set)} images, {world} process(es) x batch {B}, {total} steps, {args.dtype} on {device}, "
+        f"target={args.target}")
 
     # the loop: schedules, masks, one step, then the monitor, kNN, log and checkpoint
-    old_log = master and args.resume and trim_log(log_path, start)
+    old_log = master and args.resume and checkpoint.trim_log(log_path, start)
     csv_file = open(log_path, "a" if old_log else "w", newline="") if master else None
-    writer = csv.writer(csv_file) if master else None
     if master and not old_log:
-        writer.writerow(["step", "epoch", "loss", "lr", "wd", "momentum", "img_per_s", "std_mean", "std_min",
-                         "eff_rank", "sigreg", "knn_top1"])
+        csv.writer(csv_file).writerow(LOG_COLUMNS)
     loss_value, stats, timed_steps, timed_s, warnings, stop = float("nan"), {}, 0, 0.0, 0, False
     t_last, step, t_start = time.perf_counter(), start, time.perf_counter()
-    asked, previous_handlers = catch_stop_signals()
+    asked, previous_handlers = checkpoint.catch_stop_signals()
     # kNN reads the target encoder, as the paper; a frozen target learns nothing, so there it reads the student
     which, evaluated = ("context", nets.online) if args.target == "frozen" else ("target", nets.target)
     for step, (imgs, _) in enumerate(loader, start=start):
@@ -535,75 +516,47 @@ def main(argv=None):
         if step - start >= 3:  # steady-state throughput: the first steps pay for warm-up and allocation
             timed_steps, timed_s = timed_steps + 1, timed_s + time.perf_counter() - t_last
         knn_due = bool(args.knn_every) and done % args.knn_every == 0  # the same on every rank
-        knn = run_knn(evaluated, bank_set, query_set, args, device, dtype) if knn_due and master else None
+        knn = (knn_evaluate(evaluated, bank_set, query_set, device, dtype, args.workers) if knn_due and master
+               else None)
         if done % args.log_every == 0 or done == total or step == 0 or knn_due:  # step 0: the monitor's yardstick
-            pooled = feats.mean(dim=1)  # (B, D)
-            stats = collapse_stats(pooled)
-            # a label-free collapse signal: SIGReg of the pooled target features along fixed directions
-            stats["sigreg"] = sigreg(pooled, generator=torch.Generator().manual_seed(args.seed)).item()
-            reference = reference or stats
-            step_s = timed_s / max(timed_steps, 1)
-            img_s = B * world / step_s if timed_steps else float("nan")
-            speed = f"{img_s:.0f} img/s ETA {(total - done) * step_s / 60:.1f} min" if timed_steps else "timing..."
-            log(f"step {done}/{total} ep {step // steps_per_epoch} loss {loss_value:.4f} lr {lr:.2e} wd {wd:.3f} "
-                f"mom {m:.4f} | {speed} "
-                f"mem {peak_mem_mb(device):.0f}MB | std {stats['std_mean']:.3f} (min {stats['std_min']:.3f}) "
-                f"rank {stats['eff_rank']:.1f} sigreg {stats['sigreg']:.1f}" + (f" | kNN {knn[0]:.1f}%" if knn else ""),
-                flush=True)
-            if master:
-                writer.writerow([done, step // steps_per_epoch, loss_value, lr, wd, m, img_s, stats["std_mean"],
-                                 stats["std_min"], stats["eff_rank"], stats["sigreg"], knn[0] if knn else ""])
-                csv_file.flush()
-            if collapse_suspected(stats, reference):
-                warnings += 1
-                log(f"warning: representation collapse suspected at step {done}: std {stats['std_mean']:.4f} "
-                    f"(start {reference['std_mean']:.4f}), eff_rank {stats['eff_rank']:.2f} "
-                    f"(start {reference['eff_rank']:.2f})")
-                if args.stop_on_collapse:
-                    raise SystemExit(f"error: stopped on collapse at step {done} (--stop-on-collapse)")
-        stop = "signal" in asked
-        if ddp:  # every rank stops after the same step (a tiny all-reduce a step), or the others would hang
-            flag = torch.tensor(float(stop), device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop = bool(flag.item())
+            step_s = timed_s / timed_steps if timed_steps else None
+            row = dict(step=done, total=total, epoch=step // steps_per_epoch, loss=loss_value, lr=lr, wd=wd,
+                       momentum=m, img_per_s=B * world / step_s if step_s else float("nan"), step_s=step_s,
+                       **({"knn_top1": knn[0]} if knn else {}))
+            stats, reference, warned = monitor(feats, row, reference, device, log, csv_file, args)
+            warnings += warned
+        stop = checkpoint.stop_requested(asked, device)
         new_best = bool(knn) and knn[0] > best[1]  # "monitor kNN, stop early", kept: best.pt holds the peak
         best = (done, knn[0]) if new_best else best
         if master and (done % args.save_every == 0 or done == total or stop or new_best):
-            state = checkpoint_state(nets, optimizer, scaler, done, steps_per_epoch, config, args, reference, best)
-            save_checkpoint(ckpt_path, state)  # also at a new best, so best.pt never outlives its run's latest.pt
+            state = checkpoint.checkpoint_state(trained_modules(nets), optimizer, scaler, done, config=config,
+                                                epoch=done // steps_per_epoch, args=vars(args),
+                                                monitor_reference=reference, best_step=best[0], best_knn=best[1])
+            checkpoint.save_checkpoint(ckpt_path, state)  # also at a new best: best.pt never outlives latest.pt
             if new_best:
-                save_checkpoint(os.path.join(args.out, "best.pt"), state)
+                checkpoint.save_checkpoint(os.path.join(args.out, "best.pt"), state)
         if stop:
             log(f"stopped by a signal after step {done}/{total}: {ckpt_path} holds it; the same command with "
                 f"--auto-resume (or --resume) continues exactly", flush=True)
             break
         t_last = time.perf_counter()  # the next interval is data + step only, not kNN, logging or saving
 
-    # the end: kNN of the trained target encoder against a random-init encoder of the same shape
-    for sig, handler in previous_handlers.items():
-        signal.signal(sig, handler)
+    # the end: the summary, and kNN of the trained encoder against a random-init one
+    checkpoint.restore_signals(previous_handlers)
     if stop:
-        if ddp:
-            dist.destroy_process_group()
-        raise SystemExit(STOPPED_BY_SIGNAL)
+        dist.destroy_process_group() if ddp else None
+        raise SystemExit(checkpoint.STOPPED_BY_SIGNAL)
     summary = dict(steps=step + 1 - start if total > start else 0, loss=loss_value,
-                   img_per_s=B * world * timed_steps / max(timed_s, 1e-9), std_mean=stats.get("std_mean", math.nan),
-                   eff_rank=stats.get("eff_rank", math.nan), sigreg=stats.get("sigreg", math.nan),
-                   peak_mem_mb=peak_mem_mb(device),
-                   collapse_warnings=warnings, train_s=time.perf_counter() - t_start,
-                   **(dict(best_step=best[0], best_knn=best[1]) if args.knn_every else {}))
+                   img_per_s=B * world * timed_steps / max(timed_s, 1e-9), **{k: stats.get(k, math.nan) for k in
+                   ("std_mean", "eff_rank", "sigreg")}, peak_mem_mb=peak_mem_mb(device), collapse_warnings=warnings,
+                   train_s=time.perf_counter() - t_start, **(dict(best_step=best[0], best_knn=best[1]) if args.knn_every
+                                                             else {}))
     if bank_set is not None and master:
-        torch.manual_seed(args.seed + 1)
-        summary["knn_top1"] = run_knn(evaluated, bank_set, query_set, args, device, dtype)[0]
-        summary["knn_top1_random"] = run_knn(models.VisionTransformer(**config["encoder"]).to(device),
-                                             bank_set, query_set, args, device, dtype)[0]
-        log(f"kNN top-1 on held-out images: trained {which} encoder {summary['knn_top1']:.1f}%, "
-            f"random init {summary['knn_top1_random']:.1f}%")
+        summary.update(final_knn(evaluated, which, config, bank_set, query_set, args, device, dtype, log))
     log("summary: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     if ddp:
         dist.destroy_process_group()
     return summary
-
 
 if __name__ == "__main__":
     main()
