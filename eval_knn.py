@@ -65,9 +65,18 @@ def extract_features(encoder, loader, device, dtype=torch.float32):
     return torch.cat(feats), torch.cat(labels)
 
 
+def check_finite(*features):
+    """Features with NaN or inf (a diverged encoder) would score as if they meant something: refuse them."""
+    for x in features:
+        if not torch.isfinite(x).all():
+            raise SystemExit(f"error: {int((~torch.isfinite(x)).any(1).sum())} of {len(x)} feature rows are "
+                             "non-finite (NaN or inf): the encoder's weights or its inputs are broken")
+
+
 def knn_classify(bank, bank_labels, queries, query_labels, k=20, temperature=0.07, chunk=1024):
     """Weighted kNN top-1 / top-5 accuracy in percent of L2-normalised features. Queries go in chunks of
     `chunk`, so memory is (chunk x bank size) whatever the number of queries."""
+    check_finite(bank, queries)
     bank, queries = F.normalize(bank, dim=1), F.normalize(queries, dim=1)
     num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
     k = min(k, len(bank))
@@ -127,6 +136,7 @@ def linear_probe(train_x, train_y, val_x, val_y, strengths=STRENGTHS, seed=0):
     all of them. Features are standardised with training statistics. The paper's probe differs: it trains
     with LARS on augmented crops for many epochs (Appendix C); this one sees each image once, un-augmented,
     which is cheaper and deterministic and usually scores somewhat lower."""
+    check_finite(train_x, val_x)
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6
     X, Xv = ((train_x - mean) / std).double(), ((val_x - mean) / std).double()
     fit, held = holdout_split(len(X), seed=seed)

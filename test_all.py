@@ -42,13 +42,19 @@ def test_predictor_shapes():
     assert out.shape == (3, 4, mt.shape[2], 48)
 
 
-def test_sdpa_matches_explicit_softmax_attention():
+def test_attention_module_matches_float64_reference_per_head():
     torch.manual_seed(0)
     attn, x = models.Attention(48, num_heads=3), torch.randn(2, 7, 48)
-    q, k, v = attn.qkv(x).reshape(2, 7, 3, 3, 16).permute(2, 0, 3, 1, 4)
-    weights = (q @ k.transpose(-2, -1) / math.sqrt(16)).softmax(dim=-1)
-    expected = attn.proj((weights @ v).transpose(1, 2).reshape(2, 7, 48))
-    torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=1e-5)
+    W, b = attn.qkv.weight.double(), attn.qkv.bias.double()
+    qkv = x.double() @ W.T + b  # (2, 7, 144): q, k, v side by side, each split into 3 heads of 16
+    heads = []
+    for h in range(3):  # one head at a time, softmax by hand
+        q, k, v = (qkv[..., i * 48 + h * 16:i * 48 + (h + 1) * 16] for i in range(3))
+        scores = q @ k.transpose(-2, -1) / math.sqrt(16)
+        weights = scores.exp() / scores.exp().sum(-1, keepdim=True)
+        heads.append(weights @ v)
+    expected = torch.cat(heads, -1) @ attn.proj.weight.double().T + attn.proj.bias.double()
+    torch.testing.assert_close(attn(x).double(), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_cpu_attention_matches_sdpa():
@@ -80,6 +86,25 @@ def test_pos_embed_resize_keeps_rows_and_columns_apart():
     assert models.resize_pos_embed(table, (H, W), (H, W)) is table
 
 
+def test_pos_embed_resize_interpolates_bicubically():
+    # against cubic convolution written out (Keys' kernel with a = -0.75, as PyTorch and the official code's
+    # F.interpolate, half-pixel centres, edges clamped), on a row of arbitrary values resized to twice the width
+    def kernel(x, a=-0.75):
+        x = abs(x)
+        return (a + 2) * x**3 - (a + 3) * x**2 + 1 if x <= 1 else (a * x**3 - 5 * a * x**2 + 8 * a * x - 4 * a
+                                                                     if x < 2 else 0.0)
+    H, W = 2, 8
+    values = [0.0, 1, 4, 2, 7, 3, 3, 5]
+    table = torch.stack([torch.tensor(values).repeat(H), torch.zeros(H * W)], dim=1).unsqueeze(0)  # (1, H*W, 2)
+    out = models.resize_pos_embed(table, (H, W), (H, 2 * W)).reshape(H, 2 * W, 2)
+    expected = []
+    for j in range(2 * W):
+        src = (j + 0.5) / 2 - 0.5  # output column j samples input column src
+        first = math.floor(src)
+        expected.append(sum(kernel(src - (first + m)) * values[min(max(first + m, 0), W - 1)] for m in (-1, 0, 1, 2)))
+    torch.testing.assert_close(out[1, :, 0], torch.tensor(expected), atol=1e-5, rtol=0)
+
+
 def test_official_parameter_names():
     enc = models.vit_tiny(img_size=32, patch_size=4)
     keys = set(enc.state_dict())
@@ -97,9 +122,8 @@ def test_official_parameter_names():
 def test_factory_configs(name, dim, depth, heads):
     cfg = models.VIT_CONFIGS[name]
     assert (cfg["embed_dim"], cfg["depth"], cfg["num_heads"]) == (dim, depth, heads)
-    if name == "vit_giant":
-        enc = models.vit_giant(img_size=16, patch_size=16)
-        assert enc.blocks[0].mlp.fc1.out_features == int(1408 * 48 / 11)
+    if name == "vit_giant":  # the official MLP width 6144 = 1408 * 48 / 11, read from the config, not built
+        assert int(cfg["embed_dim"] * cfg["mlp_ratio"]) == 6144
 
 
 def test_residual_projections_rescaled_by_depth():
@@ -189,6 +213,14 @@ def test_target_size_within_scale_and_aspect():
         h, w = int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
         assert 0.15 * 196 - 4 <= h * w <= 0.2 * 196 + 4  # rounding h and w to integers
         assert 0.75 - 0.3 <= h / w <= 1.5 + 0.3
+
+
+def test_mask_block_aspect_is_height_over_width():
+    for aspect, tall in (((2.0, 3.0), True), ((1 / 3, 1 / 2), False)):
+        for mc, mt in many_masks(n_batches=10, target_aspect=aspect, target_scale=(0.2, 0.3)):
+            rows, cols = mt[0, 0] // 14, mt[0, 0] % 14
+            h, w = int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
+            assert (h > w) == tall, (aspect, h, w)  # h/w in [2, 3]: tall blocks; in [1/3, 1/2]: wide ones
 
 
 def test_context_disjoint_from_targets_and_sorted_unique():
@@ -287,6 +319,15 @@ def test_loss_zero_on_equal_and_no_gradient_to_target(kind):
     assert target.grad is None and pred.grad is not None and pred.grad.abs().sum() > 0
 
 
+def test_loss_kinds_hand_worked_values():
+    pred, target = torch.tensor([[0.5, 2.0]]), torch.zeros(1, 2)  # errors 0.5 and 2
+    assert jepa_loss(pred, target, "smooth_l1").item() == pytest.approx((0.5 * 0.5**2 + (2 - 0.5)) / 2)  # beta 1
+    assert jepa_loss(pred, target, "l2").item() == pytest.approx((0.25 + 4) / 2)
+    assert jepa_loss(pred, target, "l1").item() == pytest.approx((0.5 + 2) / 2)
+    a, b = torch.tensor([[1.0, 0.0], [1.0, 1.0]]), torch.tensor([[0.0, 1.0], [1.0, 1.0]])  # cos 0 and 1
+    assert jepa_loss(a, b, "cosine").item() == pytest.approx(1 - (0 + 1) / 2)
+
+
 def test_unknown_loss_kind_raises():
     with pytest.raises(ValueError, match="unknown loss"):
         jepa_loss(torch.zeros(2), torch.zeros(2), "l3")
@@ -299,6 +340,22 @@ def test_vicreg_terms_rise_on_collapsed_and_redundant_batches():
     var_c, _ = vicreg_loss(torch.ones(256, 16) + 1e-3 * torch.randn(256, 16))
     _, cov_r = vicreg_loss(torch.randn(256, 1).expand(256, 16).contiguous())
     assert var_c > var_h + 0.5 and cov_r > cov_h + 1.0
+
+
+def test_vicreg_covariance_term_is_off_diagonal_only_by_hand():
+    z = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]]) * torch.tensor([3.0, 0.5])
+    variance, covariance = vicreg_loss(z)  # uncorrelated columns of std 2*sqrt(3) and sqrt(1/3)
+    assert covariance.item() == pytest.approx(0.0, abs=1e-9)  # unequal variances are not penalised
+    assert variance.item() == pytest.approx((1 - math.sqrt(1 / 3 + 1e-4)) / 2, rel=1e-5)  # hinge on column 2 only
+    y = torch.tensor([[1.0, 1.0], [-1.0, -1.0], [1.0, 1.0], [-1.0, -1.0]])  # cov [[4/3, 4/3], [4/3, 4/3]]
+    assert vicreg_loss(y)[1].item() == pytest.approx(2 * (4 / 3) ** 2 / 2, rel=1e-5)  # two off-diagonal entries / D
+
+
+def test_effective_rank_hand_worked_singular_values():
+    z = torch.zeros(6, 4)
+    z[0, 0], z[1, 1] = 3.0, 1.0  # singular values 3 and 1: RankMe's p = (0.75, 0.25)
+    expected = math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
+    assert collapse_stats(z)["eff_rank"] == pytest.approx(expected, rel=1e-4)
 
 
 def test_effective_rank_separates_full_from_rank_one():
@@ -386,6 +443,19 @@ def test_no_gradient_reaches_target(tmp_path):
     assert not all(torch.equal(init[k], v) for k, v in ckpt["encoder"].items())
 
 
+def test_weight_decay_spares_biases_and_norms_in_adamw():
+    enc = tiny_encoder(depth=1)
+    opt = train.make_optimizer(list(enc.parameters()), lr=0.1, wd=0.5)
+    before = {n: p.detach().clone() for n, p in enc.named_parameters()}
+    for p in enc.parameters():
+        p.grad = torch.zeros_like(p)  # no gradient: only the decoupled weight decay moves a parameter
+    opt.step()
+    for n, p in enc.named_parameters():
+        factor = 1 - 0.1 * 0.5 if p.ndim > 1 else 1.0  # AdamW: p -= lr * wd * p, on matrices only
+        torch.testing.assert_close(p.detach(), before[n] * factor, msg=n)
+    assert opt.param_groups[0]["weight_decay"] == 0.5  # the group train.py's wd schedule writes to
+
+
 def test_schedules_at_known_steps():
     args = SimpleNamespace(lr=1e-3, start_lr=2e-4, final_lr=1e-6, wd=0.04, final_wd=0.4)
     assert train.lr_at(0, 100, 10, args) == pytest.approx(2e-4)
@@ -436,18 +506,21 @@ def run_train(*args, **kw):
                           text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
 
 
-def test_kill_and_resume_gives_same_weights(tmp_path):
+def test_kill_and_resume_gives_same_weights_and_log(tmp_path):
     data = make_folder(str(tmp_path / "data"), n_per_class=10)
-    common = ["--data", data, "--steps", "12", "--batch-size", "4", "--save-every", "2", *TINY, "--workers", "2",
+    common = ["--data", data, "--steps", "12", "--batch-size", "4", "--save-every", "4", *TINY, "--workers", "2",
               "--rgb-aux", "0.1"]  # the small preset's pixel head resumes too
     assert run_train(*common, "--out", str(tmp_path / "full")).returncode == 0
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *common, "--out", str(out)], cwd=HERE,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not (out / "latest.pt").exists() and proc.poll() is None:
-        pass
-    proc.kill()  # SIGKILL, at whatever point it has reached
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # run_train's threads: the same sums
+    while proc.poll() is None and not ((out / "latest.pt").exists() and len(log_rows(out / "log.csv")) > 6):
+        time.sleep(0.01)  # a checkpoint (step 4) and log rows past it (step 5 on)
+    proc.kill()  # SIGKILL, between two saves
     proc.wait()
+    killed_at = load(out / "latest.pt")["step"]
+    assert killed_at < 12, "the kill landed after the run ended: nothing was tested"
     resumed = run_train(*common, "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     full, again = load(tmp_path / "full" / "latest.pt"), load(out / "latest.pt")
@@ -455,6 +528,18 @@ def test_kill_and_resume_gives_same_weights(tmp_path):
     for part in ("encoder", "predictor", "target_encoder", "rgb_head"):
         assert max((full[part][k] - again[part][k]).abs().max().item() for k in full[part]) <= 1e-6
     assert again["monitor_reference"] == full["monitor_reference"]  # the collapse monitor's step-0 yardstick survives
+    assert log_rows(out / "log.csv") == log_rows(tmp_path / "full" / "log.csv")  # rows past the kill trimmed, redone
+
+
+def test_trim_log_keeps_rows_up_to_the_checkpoint(tmp_path):
+    path = str(tmp_path / "log.csv")
+    rows = [["step", "loss"]] + [[str(s), str(s / 10)] for s in (1, 2, 5, 6, 7, 10)]
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    open(path, "a").write("11,0.")  # a row cut short by a kill mid-write
+    assert checkpoint.trim_log(path, 6)
+    assert list(csv.reader(open(path))) == rows[:5]  # the header and steps 1-6: 7, 10 and the torn 11 are gone
+    assert not checkpoint.trim_log(str(tmp_path / "none.csv"), 6)  # no log yet: nothing to trim
 
 
 def test_checkpoint_holds_everything_and_loads_weights_only(tmp_path):
@@ -578,6 +663,36 @@ def test_knn_query_set_smaller_than_chunk_matches_loop():
     assert top1 == pytest.approx(100 * correct / 3) and top5 == 100.0  # 3 classes: top-5 holds all
 
 
+def naive_knn(bank, bank_labels, queries, query_labels, k, temperature, num_classes):
+    """One query at a time: cosine similarities, the k nearest, exp(sim / T) votes -> (top-1 %, top-5 %, whether
+    every query's top 5 is free of ties between classes without votes, so that top-5 is well defined)."""
+    top1 = top5 = 0
+    defined = True
+    for q, y in zip(F.normalize(queries, dim=1), query_labels.tolist()):
+        sims = [(float(F.normalize(b, dim=0) @ q), int(label)) for b, label in zip(bank, bank_labels)]
+        votes = [0.0] * num_classes
+        for sim, label in sorted(sims, reverse=True)[:k]:
+            votes[label] += math.exp(sim / temperature)
+        ranked = sorted(range(num_classes), key=lambda c: -votes[c])
+        top1, top5 = top1 + (ranked[0] == y), top5 + (y in ranked[:5])
+        defined &= sum(v > 0 for v in votes) >= 5
+    return 100.0 * top1 / len(queries), 100.0 * top5 / len(queries), defined
+
+
+@pytest.mark.parametrize("k, temperature, chunk", [(20, 0.07, 1024), (5, 0.5, 7), (1, 0.07, 13), (100, 1.0, 50)])
+def test_knn_matches_naive_loop_over_many_queries(k, temperature, chunk):
+    g = torch.Generator().manual_seed(k)
+    centres = torch.randn(8, 16, generator=g)
+    bank_labels, query_labels = torch.randint(0, 8, (100,), generator=g), torch.randint(0, 8, (60,), generator=g)
+    bank = centres[bank_labels] + 1.5 * torch.randn(100, 16, generator=g)  # overlapping classes: votes matter
+    queries = centres[query_labels] + 1.5 * torch.randn(60, 16, generator=g)
+    top1, top5 = eval_knn.knn_classify(bank, bank_labels, queries, query_labels, k, temperature, chunk)
+    expected_top1, expected_top5, top5_defined = naive_knn(bank, bank_labels, queries, query_labels, min(k, 100),
+                                                           temperature, 8)
+    assert top1 == pytest.approx(expected_top1) and 0 < expected_top1 < 100  # neither trivial nor hopeless
+    assert top5 == pytest.approx(expected_top5) or not top5_defined
+
+
 def test_linear_probe_separates_a_separable_set_and_not_random_labels():
     torch.manual_seed(0)
     centres = 3 * torch.randn(4, 16)
@@ -589,15 +704,36 @@ def test_linear_probe_separates_a_separable_set_and_not_random_labels():
     assert 15.0 < top1 < 35.0  # chance is 25%; 400 queries put 2 standard deviations at +-4.3 points
 
 
-def test_linear_probe_chooses_its_strength_without_the_validation_rows():
-    fit, held = eval_knn.holdout_split(50, seed=3)
-    assert sorted(torch.cat([fit, held]).tolist()) == list(range(50)) and len(held) == 10  # training rows only
-    torch.manual_seed(1)
-    x, y = torch.randn(120, 8), torch.randint(0, 3, (120,))
-    x[:, 0] += 2 * y  # a weak signal, so the strengths differ on the holdout
-    clean = eval_knn.linear_probe(x, y, torch.randn(30, 8), torch.randint(0, 3, (30,)))
-    poisoned = eval_knn.linear_probe(x, y, torch.full((30, 8), float("nan")), torch.zeros(30, dtype=torch.long))
-    assert poisoned[1] == clean[1]  # validation rows full of NaN cannot move the choice
+def test_linear_probe_chooses_its_strength_by_the_best_holdout_score():
+    fit, held = eval_knn.holdout_split(120, seed=0)
+    assert sorted(torch.cat([fit, held]).tolist()) == list(range(120)) and len(held) == 24  # training rows only
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(120, 8, generator=g), torch.randint(0, 3, (120,), generator=g)
+    x[:, 0] += 1.5 * y  # a weak signal, so the strengths score differently
+    xv, yv = torch.randn(60, 8, generator=g), torch.randint(0, 3, (60,), generator=g)
+    xv[:, 0] += 1.5 * yv
+    mean, std = x.mean(0), x.std(0) + 1e-6  # the probe's standardisation, then each strength scored by hand
+    X, Xv = ((x - mean) / std).double(), ((xv - mean) / std).double()
+
+    def score(l2, rows_x, rows_y):
+        W, b = eval_knn.fit_logistic(X[fit], y[fit], l2, 3)
+        return ((rows_x @ W + b).argmax(1) == rows_y).double().mean().item()
+
+    holdout = [score(l2, X[held], y[held]) for l2 in eval_knn.STRENGTHS]
+    on_val = [score(l2, Xv, yv) for l2 in eval_knn.STRENGTHS]
+    best = holdout.index(max(holdout))  # the first (strongest) of the best
+    assert best != on_val.index(max(on_val)) and best != holdout.index(min(holdout))  # the test can tell
+    assert eval_knn.linear_probe(x, y, xv, yv)[1] == eval_knn.STRENGTHS[best]
+
+
+def test_linear_probe_and_knn_refuse_non_finite_features():
+    x, y = torch.randn(20, 4), torch.arange(20) % 2
+    bad = x.clone()
+    bad[3, 1] = float("nan")
+    for call in (lambda: eval_knn.linear_probe(bad, y, x, y), lambda: eval_knn.linear_probe(x, y, bad, y),
+                 lambda: eval_knn.knn_classify(x, y, bad, y)):
+        with pytest.raises(SystemExit, match="non-finite"):
+            call()
 
 
 def test_center_crop_transform():
@@ -605,6 +741,17 @@ def test_center_crop_transform():
     assert data.CenterCrop(16)(img).shape == (3, 16, 16)
     same = Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8))
     torch.testing.assert_close(data.CenterCrop(16)(same), data.to_tensor(same))
+
+
+def test_center_crop_takes_the_centre():
+    for w, h in ((48, 16), (16, 48)):  # thirds along the long side: red, green, blue; the crop must be green
+        px = np.zeros((h, w, 3), dtype=np.uint8)
+        for third in range(3):
+            box = (slice(None), slice(third * w // 3, (third + 1) * w // 3)) if w > h else \
+                  (slice(third * h // 3, (third + 1) * h // 3), slice(None))
+            px[box + (third,)] = 255
+        out = data.CenterCrop(16)(Image.fromarray(px)) * data.STD[:, None, None] + data.MEAN[:, None, None]
+        torch.testing.assert_close(out.mean((1, 2)), torch.tensor([0.0, 1.0, 0.0]), atol=1e-3, rtol=0)
 
 
 def test_grayscale_transform_is_luma_in_every_channel():
@@ -767,6 +914,19 @@ def test_target_layers_average_matches_loop():
     assert not enc.blocks[-1]._forward_hooks  # the hooks are gone
 
 
+def test_target_norm_layer_normalises_the_target_features():
+    enc = tiny_encoder()
+    with torch.no_grad():  # the encoder's own final LayerNorm at another scale and shift than unit
+        enc.norm.weight.fill_(3.0)
+        enc.norm.bias.fill_(1.0)
+    x = torch.randn(2, 3, 32, 32)
+    feats, h = train.target_features(enc, x, 1, "layernorm")
+    assert feats.mean().item() == pytest.approx(1.0, abs=1e-4)  # the encoder output: mean 1, std 3
+    torch.testing.assert_close(h.mean(-1), torch.zeros(2, 64), atol=1e-5, rtol=0)  # the targets: per token
+    torch.testing.assert_close(h.var(-1, unbiased=False), torch.ones(2, 64), atol=1e-3, rtol=0)
+    torch.testing.assert_close(train.target_features(enc, x, 1, "none")[1], feats)  # --target-norm none
+
+
 def test_invariance_and_target_layers_run(tmp_path):
     common = ["--data", "demo", "--steps", "2", "--batch-size", "8", *TINY]
     plain = train.main([*common, "--out", str(tmp_path / "plain")])
@@ -909,6 +1069,33 @@ def test_sigreg_small_for_gaussian_large_for_collapsed_low_rank_shifted():
     z.requires_grad_(True)
     sigreg(z, generator=gen()).backward()
     assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+
+
+def test_sigreg_of_standard_normal_samples_matches_the_integral():
+    # E[n |ecf(t) - phi(t)|^2] = 1 - exp(-t^2) for N(0, 1) projections, so the statistic's expectation is the
+    # integral of (1 - exp(-t^2)) exp(-t^2/2) over [-3, 3] = sqrt(2 pi) erf(3/sqrt 2) - sqrt(2 pi / 3) erf(...)
+    expected = (math.sqrt(2 * math.pi) * math.erf(3 / math.sqrt(2))
+                - math.sqrt(2 * math.pi / 3) * math.erf(3 * math.sqrt(3) / math.sqrt(2)))  # 1.0527
+    g = torch.Generator().manual_seed(0)
+    values = [sigreg(torch.randn(512, 64, generator=g), generator=torch.Generator().manual_seed(s)).item()
+              for s in range(40)]
+    assert sum(values) / 40 == pytest.approx(expected, abs=0.06)  # 40 samples: standard error ~0.013
+
+
+def test_sigreg_matches_a_naive_loop_over_directions_and_knots():
+    z = torch.randn(7, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 1.3 + 0.2
+    directions = torch.randn(3, 5, generator=torch.Generator().manual_seed(9))  # as sigreg draws them
+    directions = directions / directions.norm(dim=0)
+    step, total = 3.0 / 16, 0.0
+    for m in range(5):  # the trapezoid rule on 17 knots of [0, 3], doubled for [-3, 0] by symmetry
+        x = (z.float() @ directions[:, m]).double().tolist()
+        for k in range(17):
+            t = k * step
+            ecf = sum(complex(math.cos(t * xi), math.sin(t * xi)) for xi in x) / len(x)
+            weight = step / 2 if k in (0, 16) else step
+            total += 2 * weight * len(x) * abs(ecf - math.exp(-t * t / 2)) ** 2 * math.exp(-t * t / 2)
+    got = sigreg(z.float(), num_slices=5, generator=torch.Generator().manual_seed(9)).item()
+    assert got == pytest.approx(total / 5, rel=1e-4)
 
 
 def _sigreg_rank(rank, path, z):
