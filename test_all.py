@@ -294,6 +294,7 @@ def test_ema_update_arithmetic_and_frozen_target():
     with torch.no_grad():
         for p in online.parameters():
             p.add_(torch.randn_like(p))
+        online.pos_embed.add_(1.0)  # a buffer: copied, not averaged
     ema_update(target, online, 0.9)
     online_sd = online.state_dict()
     for k, v in target.state_dict().items():
@@ -482,6 +483,23 @@ def test_step_batches_split_global_batch_across_ranks():
     assert all(one[s] == two[0][s] + two[1][s] for s in range(7))
     assert list(data.StepBatches(40, 8, 0, 1, seed=1, start=3, total=7)) == one[3:]  # resume skips, no replay
     assert one[5][0][1] == 1  # 5 batches per epoch: step 5 is in epoch 1
+
+
+def test_step_batches_visit_every_image_once_per_epoch_in_a_new_order():
+    steps = list(data.StepBatches(40, 8, 0, 1, seed=1, start=0, total=10))  # 5 steps an epoch
+    epochs = [[i for batch in steps[e * 5:(e + 1) * 5] for i, _ in batch] for e in range(2)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(40))
+    assert epochs[0] != epochs[1]
+    assert {e for batch in steps[5:] for _, e in batch} == {1}  # the epoch travels with each index, for its crop
+
+
+def test_random_resized_crop_is_a_function_of_seed_epoch_and_index():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8))
+    crop = data.RandomResizedCrop(16, seed=0)
+    assert torch.equal(crop(img, (0, 3)), data.RandomResizedCrop(16, seed=0)(img, (0, 3)))  # reproducible
+    for other in ((1, 3), (0, 4)):  # another epoch or another image: another crop
+        assert not torch.equal(crop(img, (0, 3)), crop(img, other))
+    assert not torch.equal(crop(img, (0, 3)), data.RandomResizedCrop(16, seed=1)(img, (0, 3)))
 
 
 def test_ddp_two_processes_match_one_process(tmp_path):
@@ -792,16 +810,16 @@ def test_official_format_checkpoint_gives_same_accuracy(tmp_path, capsys):
     assert (enc.embed_dim, len(enc.blocks), enc.patch_size, enc.grid) == (192, 12, 8, (4, 4))
 
 
-def test_best_checkpoint_holds_the_best_knn_and_survives_resume(tmp_path):
-    data = knn_folder(str(tmp_path / "data"))
-    common = ["--data", data, "--batch-size", "4", "--knn-every", "1", "--out", str(tmp_path / "o"), *TINY]
-    summary = train.main([*common, "--steps", "6", "--lr", "5e-3"])
-    knn = {int(r["step"]): float(r["knn_top1"]) for r in csv.DictReader(open(tmp_path / "o" / "log.csv"))}
-    best_step = max(knn, key=lambda s: (knn[s], -s))  # the first step with the highest kNN
-    assert (summary["best_step"], summary["best_knn"]) == (best_step, knn[best_step])
-    assert load(tmp_path / "o" / "best.pt")["step"] == best_step
-    again = train.main([*common, "--steps", "8", "--lr", "5e-3", "--resume"])  # the record carries over
-    assert again["best_knn"] >= knn[best_step] and load(tmp_path / "o" / "best.pt")["step"] == again["best_step"]
+def test_best_checkpoint_holds_the_best_knn_and_survives_resume(tmp_path, monkeypatch):
+    scripted = iter([30.0, 50.0, 40.0, 60.0, 20.0, 10.0, 0.0, 0.0, 55.0, 70.0, 0.0, 0.0])  # kNN at steps 1-6, 7-8
+    monkeypatch.setattr(train, "knn_evaluate", lambda *a, **k: (next(scripted), 0.0))  # + the 2 end-of-run reads
+    common = ["--data", knn_folder(str(tmp_path / "data")), "--batch-size", "4", "--knn-every", "1",
+              "--out", str(tmp_path / "o"), *TINY]
+    summary = train.main([*common, "--steps", "6"])
+    assert (summary["best_step"], summary["best_knn"]) == (4, 60.0) and load(tmp_path / "o" / "best.pt")["step"] == 4
+    assert [float(r["knn_top1"]) for r in csv.DictReader(open(tmp_path / "o" / "log.csv"))] == [30, 50, 40, 60, 20, 10]
+    again = train.main([*common, "--steps", "8", "--resume"])  # the record carries over: 55 at step 7 is no best
+    assert (again["best_step"], again["best_knn"]) == (8, 70.0) and load(tmp_path / "o" / "best.pt")["step"] == 8
 
 
 def test_best_checkpoint_is_never_written_with_non_finite_weights(tmp_path):
@@ -877,9 +895,12 @@ def test_rgb_aux_and_frozen_target_run(tmp_path):
 
 def test_pixel_targets_match_loop():
     imgs = torch.randn(2, 3, 8, 12)
-    px = losses.pixel_targets(imgs, 4)  # (2, 6, 48)
-    patch = imgs[1, :, 4:8, 8:12].flatten()  # row 1, column 2 -> patch index 1 * 3 + 2
-    torch.testing.assert_close(px[1, 5], (patch - patch.mean()) / (patch.var() + 1e-6).sqrt())
+    px = losses.pixel_targets(imgs, 4)  # (2, 6, 48): 2 rows of 3 patches, row-major as the encoder's tokens
+    for b in range(2):
+        for r in range(2):
+            for c in range(3):
+                patch = imgs[b, :, 4 * r:4 * r + 4, 4 * c:4 * c + 4].flatten()
+                torch.testing.assert_close(px[b, r * 3 + c], (patch - patch.mean()) / (patch.var() + 1e-6).sqrt())
 
 
 def test_random_view_identity_flip_and_crop():
@@ -992,6 +1013,20 @@ def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(tmp_path):
     for part in ("encoder", "predictor", "target_encoder"):
         assert max((full[part][k] - again[part][k]).abs().max().item() for k in full[part]) <= 1e-6
     assert log_rows(out / "log.csv") == log_rows(tmp_path / "full" / "log.csv")  # no row twice, none missing
+
+
+def _stop_rank(rank, path):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{path}/pg", rank=rank, world_size=2)
+    asked = {"signal": signal.SIGUSR1} if rank == 1 else {}  # only rank 1 was signalled
+    torch.save(checkpoint.stop_requested(asked, torch.device("cpu")), f"{path}/stop{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_stop_signal_on_one_rank_stops_every_rank(tmp_path):
+    torch.multiprocessing.spawn(_stop_rank, args=(str(tmp_path),), nprocs=2)
+    assert [torch.load(tmp_path / f"stop{r}.pt") for r in range(2)] == [True, True]
+    assert not checkpoint.stop_requested({}, torch.device("cpu"))  # one process, no signal: go on
 
 
 def test_torchrun_stopped_by_sigterm_resumes(tmp_path):
