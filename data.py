@@ -9,6 +9,7 @@ and eval_knn.py (ImageFolder and the centre crop).
     train = ImageFolder("imagenet/train", RandomResizedCrop(224, seed=0))
     val = ImageFolder("imagenet/val", CenterCrop(224))
 """
+import copy
 import math
 import os
 import sys
@@ -19,6 +20,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])  # ImageNet, as official
+# Image sets whose decoded pixels fit in this many bytes are decoded once and kept in memory (ImageFolder.preload):
+# cifar10-mini takes 31 MB; ImageNet-1k (~110 KB a JPEG, ~500 KB decoded) would take ~700 GB.
+PRELOAD_LIMIT = 1 << 30
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
@@ -127,13 +131,16 @@ class ImageFolder(torch.utils.data.Dataset):
     warning line naming each; every image mode (L, RGBA, CMYK, P, ...) is converted to RGB.
 
     Items are indices or (index, epoch) pairs; transform(img, (epoch, index)) -> tensor, so that
-    each random crop is a function of (seed, epoch, index) alone."""
+    each random crop is a function of (seed, epoch, index) alone. After `preload()` the images are
+    decoded once and kept in memory: the transforms then cut the very same crops from them, without
+    decoding every image again every epoch (on a 2-core CPU, decoding 32x32 JPEGs took a fifth to a third
+    of a small-preset step's time)."""
 
     def __init__(self, root, transform):
         if not os.path.isdir(root):
             raise SystemExit(f"error: data folder {root} does not exist")
         self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
-        self.root, self.samples, self.transform, self.warned = root, [], transform, set()
+        self.root, self.samples, self.transform, self.warned, self.images = root, [], transform, set(), None
         for label, cls in enumerate(self.classes):
             for dirpath, _, files in sorted(os.walk(os.path.join(root, cls))):
                 for f in sorted(files):
@@ -151,17 +158,41 @@ class ImageFolder(torch.utils.data.Dataset):
             self.warned.add(path)
             print(f"warning: skipping {path}: {why}", file=sys.stderr, flush=True)
 
+    def decode(self, path):
+        """The RGB image at `path`, or None (with a warning) if it does not decode."""
+        if path in self.warned:
+            return None
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            self.warn(path, f"{type(e).__name__}: {e}")
+            return None
+
+    def preload(self, limit_bytes=None):
+        """Decode every image once into memory if the decoded set, estimated from the first image's size,
+        fits in `limit_bytes` -> whether it did. Larger sets (ImageNet: ~700 GB decoded) keep decoding in
+        DataLoader workers, as the official code."""
+        limit_bytes = PRELOAD_LIMIT if limit_bytes is None else limit_bytes
+        first = next((img for img in map(self.decode, (p for p, _ in self.samples)) if img is not None), None)
+        if first is None or first.width * first.height * 3 * len(self.samples) > limit_bytes:
+            return False
+        self.images = [self.decode(path) for path, _ in self.samples]
+        return True
+
+    def with_transform(self, transform):
+        """The same images (decoded ones included) under another transform: the kNN bank's centre crops."""
+        other = copy.copy(self)
+        other.transform = transform
+        return other
+
     def load(self, index):
-        """Decode sample `index`, or the next readable one after it (skipping broken files)."""
+        """Sample `index`, or the next readable one after it (skipping broken files)."""
         for i in range(len(self.samples)):
-            path, label = self.samples[(index + i) % len(self.samples)]
-            if path in self.warned:
-                continue
-            try:
-                with Image.open(path) as img:
-                    return img.convert("RGB"), label
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-                self.warn(path, f"{type(e).__name__}: {e}")
+            j = (index + i) % len(self.samples)
+            img = self.decode(self.samples[j][0]) if self.images is None else self.images[j]
+            if img is not None:
+                return img, self.samples[j][1]
         raise SystemExit(f"error: no readable image in {self.root}: every file failed to decode")
 
     def __len__(self):
@@ -213,6 +244,9 @@ def make_datasets(data, img_size, seed, val_data=None):
     if val_data and not os.path.isdir(val_data):
         raise SystemExit(f"error: --val-data {val_data} is not a folder")
     val_root = val_data or os.path.join(data, "val")
+    train.preload()
     if not os.path.isdir(val_root):
         return train, None, None
-    return train, ImageFolder(root, CenterCrop(img_size)), ImageFolder(val_root, CenterCrop(img_size))
+    val = ImageFolder(val_root, CenterCrop(img_size))
+    val.preload()
+    return train, train.with_transform(CenterCrop(img_size)), val

@@ -615,6 +615,28 @@ def test_broken_files_are_skipped_and_all_modes_load(tmp_path, capsys):
         assert name not in err
 
 
+def test_preloaded_images_give_the_same_items_as_decoding_each_time(tmp_path):
+    root = make_folder(str(tmp_path / "data"))
+    open(os.path.join(root, "a", "broken.jpg"), "wb").write(b"not a jpeg")  # skipped alike on both paths
+    lazy, memory = (data.ImageFolder(root, data.RandomResizedCrop(16, seed=3)) for _ in range(2))
+    assert memory.preload() and memory.images is not None and lazy.images is None
+    for item in [(i, e) for i in range(len(lazy)) for e in (0, 1)]:
+        (x, y), (x2, y2) = lazy[item], memory[item]
+        assert torch.equal(x, x2) and y == y2
+    bank = memory.with_transform(data.CenterCrop(16))
+    assert bank.images is memory.images and torch.equal(bank[2][0], data.CenterCrop(16)(lazy.load(2)[0]))
+    assert not data.ImageFolder(root, data.CenterCrop(16)).preload(limit_bytes=1000)  # too large: decoded each time
+
+
+def test_preload_leaves_training_bit_identical(tmp_path, monkeypatch):
+    args = ["--data", make_folder(str(tmp_path / "data")), "--steps", "3", "--batch-size", "4", *TINY]
+    train.main([*args, "--out", str(tmp_path / "memory")])
+    monkeypatch.setattr(data, "PRELOAD_LIMIT", 0)  # nothing fits: every image decoded at every use, as before
+    train.main([*args, "--out", str(tmp_path / "lazy")])
+    a, b = load(tmp_path / "memory" / "latest.pt"), load(tmp_path / "lazy" / "latest.pt")
+    assert all(torch.equal(a[p][k], b[p][k]) for p in ("encoder", "predictor", "target_encoder") for k in a[p])
+
+
 def test_nothing_readable_is_a_clear_error(tmp_path):
     os.makedirs(tmp_path / "data" / "a")
     open(tmp_path / "data" / "a" / "x.jpg", "wb").write(b"garbage")

@@ -482,7 +482,8 @@ def main(argv=None):
         num_workers=args.workers, pin_memory=device.type == "cuda")
     log(f"I-JEPA: {args.model}/{args.patch_size} at {args.img_size}px ({grid[0]}x{grid[1]} patches), "
         f"{sum(p.numel() for g in optimizer.param_groups for p in g['params']) / 1e6:.1f}M trained params, "
-        f"{len(train_set)} images, {world} process(es) x batch {B}, {total} steps, {args.dtype} on {device}, "
+        f"{len(train_set)} images{' (decoded once, in memory)' if getattr(train_set, 'images', None) else ''}, "
+        f"{world} process(es) x batch {B}, {total} steps, {args.dtype} on {device}, "
         f"target={args.target}")
 
     # the loop: schedules, masks, one step, then the monitor, kNN, log and checkpoint
