@@ -370,6 +370,7 @@ def test_effective_rank_separates_full_from_rank_one():
 # ----------------------------------------------------------------------------------------------- train
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -1208,3 +1209,71 @@ def test_complement_context_is_exactly_outside_the_targets():
     with pytest.raises(ValueError, match="min_keep"):  # targets that cover everything: an error, not a hang
         sample_masks(4, (4, 4), num_targets=8, target_scale=(0.9, 1.0), context="complement", min_keep=2,
                      generator=torch.Generator().manual_seed(0))
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+import export  # noqa: E402
+
+
+def hf_forward(hf, config, x):
+    """IJepaModel's forward written out from the exported names alone: separate query, key and value
+    projections, heads split by channel blocks, LayerNorm eps 1e-6 from config.json."""
+    D, heads, eps = config["hidden_size"], config["num_attention_heads"], config["layer_norm_eps"]
+    p = config["patch_size"]
+
+    def lin(h, name):
+        return h @ hf[name + ".weight"].T + hf[name + ".bias"]
+
+    def norm(h, name):
+        return F.layer_norm(h, (D,), hf[name + ".weight"], hf[name + ".bias"], eps)
+
+    patches = "embeddings.patch_embeddings.projection."
+    h = F.conv2d(x, hf[patches + "weight"], hf[patches + "bias"], stride=p).flatten(2).transpose(1, 2)  # (B, N, D)
+    h = h + hf["embeddings.position_embeddings"]
+    B, T, _ = h.shape
+    for i in range(config["num_hidden_layers"]):
+        layer = f"encoder.layer.{i}."
+        a = norm(h, layer + "layernorm_before")
+        q, k, v = (lin(a, layer + f"attention.attention.{n}").reshape(B, T, heads, D // heads).transpose(1, 2)
+                   for n in ("query", "key", "value"))
+        att = ((q @ k.transpose(-2, -1)) / math.sqrt(D // heads)).softmax(-1) @ v  # (B, heads, T, D/heads)
+        h = h + lin(att.transpose(1, 2).reshape(B, T, D), layer + "attention.output.dense")
+        mlp = F.gelu(lin(norm(h, layer + "layernorm_after"), layer + "intermediate.dense"))
+        h = h + lin(mlp, layer + "output.dense")
+    return norm(h, "layernorm")
+
+
+def test_export_hf_maps_back_exactly_and_its_forward_matches_ours(tmp_path):
+    train.main(["--data", make_folder(str(tmp_path / "data")), "--steps", "1", "--batch-size", "4", *TINY,
+                "--depth", "2", "--out", str(tmp_path / "run")])
+    ckpt = str(tmp_path / "run" / "latest.pt")
+    export.main([ckpt, "--to", "hf", str(tmp_path / "hf"), "--which", "context"])
+    config = json.load(open(tmp_path / "hf" / "config.json"))
+    hf = export.read_safetensors(str(tmp_path / "hf" / "model.safetensors"))
+    ours = load(ckpt)["encoder"]
+    back = export.from_hf(hf, config["num_hidden_layers"])
+    assert back.keys() == ours.keys() and all(torch.equal(back[k], v) for k, v in ours.items())
+    encoder = eval_knn.load_encoder(ckpt, "context").eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(hf_forward(hf, config, x), encoder(x), atol=1e-5, rtol=1e-5)
+    assert config["layer_norm_eps"] == 1e-6 and config["intermediate_size"] == 4 * config["hidden_size"]
+    with pytest.raises(SystemExit, match="already holds an export"):  # an export is never overwritten
+        export.main([ckpt, "--to", "hf", str(tmp_path / "hf")])
+
+
+def test_export_official_file_and_timm_state_dict(tmp_path):
+    train.main(["--data", make_folder(str(tmp_path / "data")), "--steps", "1", "--batch-size", "4", *TINY,
+                "--depth", "2", "--out", str(tmp_path / "run")])
+    ours = load(tmp_path / "run" / "latest.pt")
+    official = {part: {"module." + k: v for k, v in ours[part].items()} for part in ("encoder", "target_encoder")}
+    torch.save({**official, "epoch": 1}, tmp_path / "official.pth.tar")  # the official layout: no config
+    export.main([str(tmp_path / "official.pth.tar"), "--to", "timm", str(tmp_path / "timm.pt")])
+    timm_state = load(tmp_path / "timm.pt")
+    assert timm_state.keys() == ours["target_encoder"].keys()
+    assert all(torch.equal(timm_state[k], v) for k, v in ours["target_encoder"].items())
+    export.main([str(tmp_path / "official.pth.tar"), "--to", "hf", str(tmp_path / "hf")])
+    config = json.load(open(tmp_path / "hf" / "config.json"))
+    assert (config["hidden_size"], config["num_hidden_layers"], config["patch_size"], config["image_size"]) == (
+        192, 2, 8, 32)
