@@ -100,13 +100,27 @@ def collapse_stats(z):
     s = torch.linalg.svdvals(z)
     p = s / s.sum().clamp_min(1e-12) + 1e-12
     eff_rank = torch.exp(-(p * p.log()).sum())
-    return {"std_mean": std.mean().item(), "std_min": std.min().item(), "eff_rank": eff_rank.item()}
+    return {"std_mean": std.mean().item(), "std_min": std.min().item(), "eff_rank": eff_rank.item(),
+            "width": min(z.shape)}
+
+
+@torch.no_grad()
+def token_share(feats):
+    """How alike the tokens of one image are, (B, N, D) -> a float: the share of their energy in the image's
+    mean token, N |mean|^2 / sum |token|^2, averaged over images. 1 when every token of an image is the same
+    vector (the image is one point, whatever its patches hold); near 1/N for tokens that cancel out. Tells a
+    regulariser that flattens each image into one vector from one that spreads the images apart."""
+    feats = feats.float()
+    energy = feats.pow(2).sum(dim=(1, 2)).clamp_min(1e-12)  # (B,)
+    return (feats.shape[1] * feats.mean(dim=1).pow(2).sum(-1) / energy).mean().item()
 
 
 def collapse_suspected(stats, start):
     """The monitor's alarm: the per-dimension std fell below a tenth of its value at the start of the run,
-    or the effective rank below a fifth of it or below 1.5 (the features lie nearly on one line). The floor
-    matters because a random-init encoder can start near rank 3 (cifar10-mini), where a fifth is under 1:
-    a slow target moved too fast (--ema 0 0) then sat at rank 1.3 with a seventh of the std, unflagged."""
+    or the effective rank below a fifth of it, below 1.5 (the features lie nearly on one line), or below 5%
+    of the width it could reach (min(batch, features), stats["width"]). The floors matter because a
+    random-init encoder can start near rank 3 (cifar10-mini), where a fifth is under 1: a target moved too
+    fast (--ema 0 0) sat at rank 1.3, and the small preset without VICReg at rank 2.5 of 64 for a whole
+    run, both unflagged by the relative rule alone."""
     return (stats["std_mean"] < 0.1 * start["std_mean"]
-            or stats["eff_rank"] < max(0.2 * start["eff_rank"], 1.5))
+            or stats["eff_rank"] < max(0.2 * start["eff_rank"], 1.5, 0.05 * stats.get("width", 0)))

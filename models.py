@@ -224,6 +224,17 @@ class VisionTransformerPredictor(nn.Module):
         return x.unflatten(0, (B, M))  # (B, M, Kt, D)
 
 
+class Projector(nn.Sequential):
+    """LeJEPA's projector (MINIMAL.md, as stable-pretraining's LeJEPA): Linear-BatchNorm-ReLU twice, 2048 wide,
+    then a Linear to out_dim. (n, dim) -> (n, out_dim). SIGReg reads its output, not the encoder's: the ViT
+    ends in a LayerNorm, which fixes every token's scale, and the BatchNorm lets the embedding move freely
+    (LeWorldModel, arXiv 2603.19312, gives this reason). Trained with the encoder; evaluation never reads it."""
+
+    def __init__(self, dim, out_dim, hidden=2048):
+        super().__init__(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+                         nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
+
+
 # Official widths, depths and heads (src/models/vision_transformer.py); MLP ratio 4 except giant.
 VIT_CONFIGS = {
     "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),

@@ -906,6 +906,41 @@ def test_collapse_alarm_fires_on_one_direction_even_from_a_low_start():
     assert not collapse_suspected({"std_mean": 0.3, "eff_rank": 1.6}, {"std_mean": 0.3, "eff_rank": 2.0})
 
 
+def test_collapse_alarm_flags_a_rank_two_batch_in_absolute_terms():
+    from losses import collapse_suspected
+    g = torch.Generator().manual_seed(0)
+    rank_two = torch.randn(64, 2, generator=g) @ torch.randn(2, 192, generator=g)  # 64 images, 192 features
+    stats, start = collapse_stats(rank_two), {"std_mean": 0.129, "eff_rank": 2.9}  # start: random init's rank
+    assert stats["eff_rank"] < 2.01 and stats["width"] == 64
+    assert collapse_suspected(stats, start)  # 2 of a reachable 64: below the 5% floor
+    assert not collapse_suspected({**stats, "width": 16}, start)  # relative rule alone: 2 > max(0.58, 1.5)
+    assert not collapse_suspected(collapse_stats(torch.randn(64, 192, generator=g)), start)
+
+
+def test_token_share_by_hand():
+    from losses import token_share
+    v = torch.randn(3, 1, 8)
+    assert token_share(v.expand(3, 5, 8)) == pytest.approx(1.0)  # every token of an image the same
+    assert token_share(torch.cat([v, -v], dim=1)) == pytest.approx(0.0, abs=1e-6)  # tokens that cancel out
+    x = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # mean (0.5, 0.5): 2 * 0.5 / 2 = 0.5
+    assert token_share(x) == pytest.approx(0.5)
+
+
+def test_sigreg_projector_runs_logs_each_term_and_resumes(tmp_path):
+    data = make_folder(str(tmp_path / "data"))
+    common = ["--data", data, "--batch-size", "4", "--sigreg", "0.05", "--projector", "8", *TINY]
+    for target in ("ema", "shared"):  # LeJEPA's arrangement with the guards; LeWorldModel's without them
+        out = str(tmp_path / target)
+        train.main([*common, "--steps", "2", "--target", target, "--out", out])
+        rows = list(csv.DictReader(open(os.path.join(out, "log.csv"))))
+        assert all(float(r["loss_sigreg"]) > 0 and float(r["loss_pred"]) > 0 and r["loss_vicreg"] == "" for r in rows)
+        ckpt = load(os.path.join(out, "latest.pt"))
+        assert ckpt["projector"]["6.weight"].shape == (8, 2048)  # Linear-BN-ReLU x2 (2048 wide), Linear to 8
+        assert train.main([*common, "--steps", "3", "--target", target, "--out", out, "--resume"])["steps"] == 1
+    with pytest.raises(SystemExit, match="--projector 8 needs --sigreg"):
+        train.main(["--data", data, *TINY, "--steps", "1", "--projector", "8", "--out", str(tmp_path / "x")])
+
+
 def test_rgb_aux_and_frozen_target_run(tmp_path):
     summary = train.main(["--data", "demo", "--steps", "2", "--batch-size", "8", "--rgb-aux", "0.1",
                           "--target", "frozen", *TINY, "--out", str(tmp_path)])

@@ -28,7 +28,8 @@ import data
 import models
 from ema import ema_update, make_target, momentum_at
 from eval_knn import knn_evaluate, load_encoder
-from losses import collapse_stats, collapse_suspected, jepa_loss, pixel_targets, sigreg, vicreg_loss
+from losses import (collapse_stats, collapse_suspected, jepa_loss, pixel_targets, sigreg, token_share,
+                    vicreg_loss)
 from masks import apply_masks, sample_masks
 
 # ---------------------------------------------------------------------------------------------- presets
@@ -113,6 +114,10 @@ def make_parser(preset):
     g.add_argument("--vicreg", type=float, help="weight of VICReg variance+covariance on the pooled context (C-JEPA)")
     g.add_argument("--sigreg", type=float, default=0.0, help="weight of LeJEPA's SIGReg on the pooled context "
                    "(an isotropic-Gaussian test; with --target shared, no stop-gradient and no EMA at all)")
+    g.add_argument("--projector", type=int, default=0, metavar="DIM",
+                   help="SIGReg reads a LeJEPA projector (2 x 2048 wide with BatchNorm, then DIM) of the pooled "
+                        "context instead of the pooled context itself; with --target shared the prediction is also "
+                        "compared in the projected space, both branches through it (LeWorldModel). 0: none")
     g.add_argument("--stop-on-collapse", action="store_true", help="end the run when the collapse monitor fires")
     g = p.add_argument_group("departures from the paper, off in the imagenet preset (on in 'small')")
     g.add_argument("--invariance", type=float, metavar="W", help="weight of C-JEPA's invariance term: 1 - cos "
@@ -163,7 +168,7 @@ def check_args(args):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise SystemExit(f"error: --{flag.replace('_', '-')} {getattr(args, flag)} must be at least 1")
     for flag in ("lr", "start_lr", "final_lr", "warmup", "wd", "final_wd", "vicreg", "invariance", "rgb_aux",
-                 "min_keep", "knn_every", "workers", "seed", "sigreg", "latent_weight"):
+                 "min_keep", "knn_every", "workers", "seed", "sigreg", "latent_weight", "projector"):
         if getattr(args, flag) < 0:
             raise SystemExit(f"error: --{flag.replace('_', '-')} {getattr(args, flag)} must not be negative")
     if not all(0 <= m <= 1 for m in args.ema):
@@ -176,6 +181,8 @@ def check_args(args):
         raise SystemExit("error: --latent-weight 0 needs --rgb-aux W > 0, or nothing is trained")
     if args.vicreg > 0 and args.batch_size < 2:
         raise SystemExit(f"error: --vicreg {args.vicreg} needs --batch-size 2 or more (a variance over the batch)")
+    if args.projector and not args.sigreg:
+        raise SystemExit(f"error: --projector {args.projector} needs --sigreg W > 0 (the projector feeds SIGReg)")
     if args.teacher and args.target != "frozen":
         raise SystemExit("error: --teacher needs --target frozen (the teacher is the frozen target)")
     if args.resume and args.auto_resume:
@@ -241,34 +248,45 @@ def target_features(target_encoder, imgs, layers, norm):
 
 
 def ijepa_loss(nets, imgs, masks_ctx, masks_tgt, args, view=None, step=0):
-    """The I-JEPA objective on one batch (paper Sec. 3) -> (loss, the target encoder's output (B, N, D)).
+    """The I-JEPA objective on one batch (paper Sec. 3) -> (loss, the target encoder's output (B, N, D), each
+    term unweighted, for the log: pred, and sigreg / vicreg / inv / rgb when on).
     imgs (B, 3, H, W), masks_ctx (B, Kc), masks_tgt (B, M, Kt); view (B, 3, h, w) with --invariance only."""
     with torch.set_grad_enabled(args.target == "shared"):  # stop-gradient: the target branch builds no graph
         feats, h = target_features(nets.target, imgs, args.target_layers, args.target_norm)  # (B, N, D) each
         targets = apply_masks(h, masks_tgt)  # (B, M, Kt, D)
     z = nets.encoder(imgs, masks_ctx)  # (B, Kc, D): the context encoder sees the context patches only
     preds = nets.predictor(z, masks_ctx, masks_tgt)  # (B, M, Kt, D)
-    loss = args.latent_weight * jepa_loss(preds, targets, args.loss, stop_gradient=args.target != "shared")
-    if args.sigreg > 0:  # LeJEPA: the pooled context is tested against N(0, I) along random directions
+    compared = (preds, targets)
+    if nets.projector is not None and args.target == "shared":  # LeWorldModel: compared in the projected space,
+        compared = nets.projector(torch.cat([preds, targets]).flatten(0, 2)).chunk(2)  # one BatchNorm batch
+    terms = {"pred": jepa_loss(*compared, args.loss, stop_gradient=args.target != "shared")}
+    loss = args.latent_weight * terms["pred"]
+    if args.sigreg > 0:  # LeJEPA: the pooled context (or its projection) tested against N(0, I), random directions
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step + 7)  # same directions on every rank
-        loss = loss + args.sigreg * sigreg(z.mean(dim=1), generator=gen)
+        pooled = z.mean(dim=1) if nets.projector is None else nets.projector(z.mean(dim=1))
+        terms["sigreg"] = sigreg(pooled, generator=gen)
+        loss = loss + args.sigreg * terms["sigreg"]
     if args.vicreg > 0:  # C-JEPA: variance and covariance of the pooled context keep it from shrinking
-        loss = loss + args.vicreg * sum(vicreg_loss(z.mean(dim=1)))
+        terms["vicreg"] = sum(vicreg_loss(z.mean(dim=1)))
+        loss = loss + args.vicreg * terms["vicreg"]
     if view is not None:  # C-JEPA's invariance: the pooled context points where the target's pooled view points
         with torch.no_grad():
             pooled_view = nets.target(view).mean(dim=1)  # (B, D)
-        loss = loss + args.invariance * jepa_loss(z.mean(dim=1), pooled_view, "cosine")
+        terms["inv"] = jepa_loss(z.mean(dim=1), pooled_view, "cosine")
+        loss = loss + args.invariance * terms["inv"]
     if nets.rgb_head is not None:  # a pixel anchor: each prediction also regresses its patch's pixels
         pixels = apply_masks(pixel_targets(imgs, args.patch_size), masks_tgt)  # (B, M, Kt, 3 p p)
-        loss = loss + args.rgb_aux * F.mse_loss(nets.rgb_head(preds), pixels)
-    return loss, feats
+        terms["rgb"] = F.mse_loss(nets.rgb_head(preds), pixels)
+        loss = loss + args.rgb_aux * terms["rgb"]
+    return loss, feats, terms
 
 
 def train_step(nets, optimizer, scaler, autocast, imgs, masks_ctx, masks_tgt, momentum, args, view=None, step=0):
     """One step: the loss, backward into context encoder and predictor, AdamW, then the EMA of the
-    target. Returns (loss, target features (B, N, D) for the monitor). bench.py times this function."""
+    target. Returns (loss, target features (B, N, D) for the monitor, the loss terms as tensors).
+    bench.py times this function."""
     with autocast:
-        loss, feats = ijepa_loss(nets, imgs, masks_ctx, masks_tgt, args, view, step)
+        loss, feats, terms = ijepa_loss(nets, imgs, masks_ctx, masks_tgt, args, view, step)
     loss_value = loss.item()  # a sync point, but it stops a bad step before it reaches the weights
     if not math.isfinite(loss_value):
         raise FloatingPointError(f"loss is {loss_value}")
@@ -278,7 +296,7 @@ def train_step(nets, optimizer, scaler, autocast, imgs, masks_ctx, masks_tgt, mo
     scaler.update()
     if args.target == "ema":  # the target is never trained: it follows the context encoder (ema.py)
         ema_update(nets.target, nets.online, momentum)
-    return loss_value, feats.detach()
+    return loss_value, feats.detach(), {k: v.detach() for k, v in terms.items()}
 
 
 def model_config(args):
@@ -309,9 +327,10 @@ def build(args, device):
     # features trade the colour and layout that kNN reads for shape after ~4,000 steps (EXPERIMENTS.md).
     rgb_head = torch.nn.Linear(encoder.embed_dim, 3 * args.patch_size**2).to(device) if args.rgb_aux > 0 else None
     # online / raw_*: the unwrapped modules (what EMA reads and checkpoints store) once DDP wraps the others
+    projector = models.Projector(encoder.embed_dim, args.projector).to(device) if args.projector else None
     nets = SimpleNamespace(encoder=encoder, predictor=predictor, target=target, rgb_head=rgb_head, online=encoder,
-                           raw_predictor=predictor, raw_rgb_head=rgb_head)
-    params = [p for m in (encoder, predictor, rgb_head) if m is not None for p in m.parameters()]
+                           raw_predictor=predictor, raw_rgb_head=rgb_head, projector=projector, raw_projector=projector)
+    params = [p for m in (encoder, predictor, rgb_head, projector) if m is not None for p in m.parameters()]
     optimizer = make_optimizer(params, args.start_lr, args.wd)
     if args.target != "shared":  # the two properties that keep I-JEPA from collapsing
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -400,7 +419,8 @@ def trained_modules(nets, with_target=True):
     paper evaluates; a shared target is the encoder itself, so resuming skips it)."""
     return {"encoder": nets.online, "predictor": nets.raw_predictor,
             **({"target_encoder": nets.target} if with_target else {}),
-            **({"rgb_head": nets.raw_rgb_head} if nets.rgb_head is not None else {})}
+            **({"rgb_head": nets.raw_rgb_head} if nets.rgb_head is not None else {}),
+            **({"projector": nets.raw_projector} if nets.projector is not None else {})}
 
 
 def wrap(nets, args, device, ddp):
@@ -409,14 +429,17 @@ def wrap(nets, args, device, ddp):
         ids = [device.index] if device.type == "cuda" else None
         nets.encoder, nets.predictor = (torch.nn.parallel.DistributedDataParallel(m, device_ids=ids)
                                         for m in (nets.encoder, nets.predictor))
-        if nets.rgb_head is not None:  # a trained module too: unwrapped, its gradients would differ between ranks
-            nets.rgb_head = torch.nn.parallel.DistributedDataParallel(nets.rgb_head, device_ids=ids)
+        for name in ("rgb_head", "projector"):  # trained too: unwrapped, their gradients would differ between ranks
+            if getattr(nets, name) is not None:  # (the projector's BatchNorm keeps per-rank statistics, as LeJEPA's)
+                setattr(nets, name, torch.nn.parallel.DistributedDataParallel(getattr(nets, name), device_ids=ids))
     if args.compile:
         nets.encoder, nets.predictor = (torch.compile(m, dynamic=True) for m in (nets.encoder, nets.predictor))
 
 
+# loss_*: each term of the loss unweighted (its weight is the flag of the same name), so a reader sees which
+# one drives training; token_share: how alike one image's target tokens are (1: all the same token)
 LOG_COLUMNS = ["step", "epoch", "loss", "lr", "wd", "momentum", "img_per_s", "std_mean", "std_min", "eff_rank",
-               "sigreg", "knn_top1"]
+               "sigreg", "knn_top1", "token_share", "loss_pred", "loss_sigreg", "loss_vicreg", "loss_inv", "loss_rgb"]
 
 
 def monitor(feats, row, reference, device, log, csv_file, args):
@@ -424,7 +447,7 @@ def monitor(feats, row, reference, device, log, csv_file, args):
     the warning -> (stats, the step-0 yardstick, whether it warned). row: LOG_COLUMNS up to img_per_s, total,
     step_s (seconds a step, or None while timing) and knn_top1 when it was measured."""
     pooled = feats.mean(dim=1)  # (B, D)
-    stats = collapse_stats(pooled)
+    stats = {**collapse_stats(pooled), "token_share": token_share(feats)}
     # a label-free collapse signal: SIGReg of the pooled target features along fixed directions
     stats["sigreg"] = sigreg(pooled, generator=torch.Generator().manual_seed(args.seed)).item()
     reference, knn, step_s = reference or stats, row.get("knn_top1"), row["step_s"]
@@ -433,11 +456,12 @@ def monitor(feats, row, reference, device, log, csv_file, args):
     log(f"step {row['step']}/{row['total']} ep {row['epoch']} loss {row['loss']:.4f} lr {row['lr']:.2e} "
         f"wd {row['wd']:.3f} mom {row['momentum']:.4f} | {speed} mem {peak_mem_mb(device):.0f}MB | "
         f"std {stats['std_mean']:.3f} (min {stats['std_min']:.3f}) rank {stats['eff_rank']:.1f} "
-        f"sigreg {stats['sigreg']:.1f}" + (f" | kNN {knn:.1f}%" if knn is not None else ""), flush=True)
+        f"sigreg {stats['sigreg']:.1f} tokens {stats['token_share']:.2f}" + (f" | kNN {knn:.1f}%" if knn is not None
+                                                                             else ""), flush=True)
     if csv_file is not None:
         csv.writer(csv_file).writerow([{**row, **stats}.get(c, "") for c in LOG_COLUMNS])
         csv_file.flush()
-    warned = collapse_suspected(stats, reference)
+    warned = row["step"] > 1 and collapse_suspected(stats, reference)  # step 1 is the yardstick
     if warned:
         log(f"warning: representation collapse suspected at step {row['step']}: std {stats['std_mean']:.4f} "
             f"(start {reference['std_mean']:.4f}), eff_rank {stats['eff_rank']:.2f} "
@@ -508,8 +532,8 @@ def main(argv=None):
         if args.invariance > 0:  # 9 draws per image (5 used): the layout of earlier runs, which reproduce exactly
             view = data.random_view(imgs, torch.rand(B * world, 9, generator=gen)[rows].to(device), args.view_size)
         try:
-            loss_value, feats = train_step(nets, optimizer, scaler, autocast, imgs, masks_ctx, masks_tgt, m, args,
-                                           view, step)
+            loss_value, feats, terms = train_step(nets, optimizer, scaler, autocast, imgs, masks_ctx, masks_tgt, m,
+                                                  args, view, step)
         except FloatingPointError as e:
             raise SystemExit(f"error: {e} at step {step}; {ckpt_path} still holds the last good state") from None
 
@@ -523,7 +547,7 @@ def main(argv=None):
             step_s = timed_s / timed_steps if timed_steps else None
             row = dict(step=done, total=total, epoch=step // steps_per_epoch, loss=loss_value, lr=lr, wd=wd,
                        momentum=m, img_per_s=B * world / step_s if step_s else float("nan"), step_s=step_s,
-                       **({"knn_top1": knn[0]} if knn else {}))
+                       **({"knn_top1": knn[0]} if knn else {}), **{f"loss_{k}": v.item() for k, v in terms.items()})
             stats, reference, warned = monitor(feats, row, reference, device, log, csv_file, args)
             warnings += warned
         stop = checkpoint.stop_requested(asked, device)
