@@ -5,18 +5,18 @@ Read top to bottom, in the order a run meets them:
   1. `claim_run`: refuse to overwrite a run (a checkpoint in --out means --resume, or another --out);
   2. `load_checkpoint` / `restore`: safe loading (weights_only) and exact resume: weights, optimizer,
      loss scaler and the step; schedules are pure functions of the step, so nothing is replayed;
-  3. `trim_log`: log.csv loses the rows past the checkpoint, which the resumed run writes again;
+  3. `open_log` / `trim_log`: log.csv loses the rows past the checkpoint, which the resumed run writes again;
   4. `catch_stop_signals` / `stop_requested`: SIGTERM and SIGUSR1 finish the current step, save, and exit
      with STOPPED_BY_SIGNAL, on every rank at once;
-  5. `checkpoint_state` / `save_checkpoint`: what a checkpoint holds (weights under their modules' own
-     names, unwrapped from DDP) and the atomic write that never stores non-finite weights; best.pt is the
-     same write to another name.
+  5. `checkpoint_state` / `save_run` / `save_checkpoint`: what a checkpoint holds (weights under their
+     modules' own names, unwrapped from DDP) and the atomic write that never stores non-finite weights;
+     best.pt is the same write to another name.
 
 Nothing here knows about I-JEPA: another training loop uses it as it is, with three calls:
 
     latest = claim_run(out, args)                     # args.resume / args.auto_resume; makes `out`
     start = restore(latest, modules, optimizer)["step"] if args.resume else 0
-    save_checkpoint(latest, checkpoint_state(modules, optimizer, None, step))   # every so often
+    save_run(out, checkpoint_state(modules, optimizer, None, step))   # every so often: OUT/latest.pt
 
 (the official src/train.py saves with a plain torch.save, resumes from a path in its YAML and restarts from
 epoch 0 when anything fails to load.)
@@ -91,6 +91,16 @@ def trim_log(path, step):
     return True
 
 
+def open_log(path, header, resumed_at=None):
+    """log.csv, open for appending rows: a resumed run's is first trimmed to `resumed_at` (the checkpoint's
+    step), a new run's is started with `header` -> the open file."""
+    if resumed_at is not None and trim_log(path, resumed_at):
+        return open(path, "a", newline="")
+    f = open(path, "w", newline="")
+    csv.writer(f).writerow(header)
+    return f
+
+
 def catch_stop_signals():
     """SIGTERM (what schedulers send before killing a job) and SIGUSR1 (SLURM's --signal, sent early) ask
     the loop to stop after the current step -> (the dict the handlers fill, the handlers to restore)."""
@@ -123,6 +133,13 @@ def checkpoint_state(modules, optimizer, scaler, step, **extra):
     unwrap = lambda m: getattr(getattr(m, "_orig_mod", m), "module", m)  # noqa: E731
     return {**{name: unwrap(m).state_dict() for name, m in modules.items()}, "optimizer": optimizer.state_dict(),
             **({"scaler": scaler.state_dict()} if scaler is not None else {}), "step": step, **extra}
+
+
+def save_run(out, state, best=False):
+    """OUT/latest.pt, and OUT/best.pt too when `best` (written after latest.pt, so it never outlives its run)."""
+    save_checkpoint(os.path.join(out, "latest.pt"), state)
+    if best:
+        save_checkpoint(os.path.join(out, "best.pt"), state)
 
 
 def save_checkpoint(path, state):

@@ -5,6 +5,8 @@
 # into runs/study/NAME/ (log.csv: loss, std, eff_rank, the SIGReg statistic, kNN) and its summary line
 # into runs/study/NAME.summary.
 #   bash study.sh [DATA] [NAME ...]     # no names: every row; named rows run in the order below
+#   SEEDS="0 1 2" bash study.sh DATA NAME   # seeds: seed 0 into runs/study/NAME, seed S into runs/study/NAME-sS
+# Each run is then scored by eval_knn.py (kNN and the linear probe) into runs/study/NAME.eval.
 # Two rows at a time with a thread each run the study ~1.3x faster than one on both cores (~35 min a row):
 #   OMP_NUM_THREADS=1 bash study.sh DATA A B & OMP_NUM_THREADS=1 bash study.sh DATA C D   # salt-1 before salt-2
 # Two bases: "plain" is the paper's recipe (smooth L1 on the last layer's normalised target, no extra
@@ -35,6 +37,16 @@ rows=(  # in the order they run when no names are given: the rows that answer th
   "small-target-shared|$common --target shared"
   "small-sigreg-shared|$common --sigreg 0.05 --target shared"
   "small-vicreg-0|$common --vicreg 0"
+  # SIGReg as its authors attach it: LeJEPA's projector (2 x 2048 with BatchNorm, then 16) between the pooled
+  # context and SIGReg, weights as ours (pred + W * N * EP): LeJEPA's lambda 0.02-0.05 is W ~0.02-0.05, LeWM's 0.09
+  "plain-sigreg-proj-0.02|$plain --sigreg 0.02 --projector 16"
+  "plain-sigreg-proj-0.09|$plain --sigreg 0.09 --projector 16"
+  "plain-sigreg-proj-0.5|$plain --sigreg 0.5 --projector 16"
+  "plain-sigreg-proj-shared-0.09|$plain --sigreg 0.09 --projector 16 --target shared"  # LeWorldModel's arrangement
+  "plain-sigreg-proj-shared-0.02|$plain --sigreg 0.02 --projector 16 --target shared"
+  "plain-sigreg-proj-shared-0.5|$plain --sigreg 0.5 --projector 16 --target shared"
+  "plain-sigreg-0.02|$plain --sigreg 0.02"  # unprojected, beside plain-sigreg (0.05)
+  "plain-sigreg-0.5|$plain --sigreg 0.5"
 )
 for want in "$@"; do  # a misspelt name is an error, not a row silently skipped
   printf '%s\n' "${rows[@]}" | grep -q "^$want|" || { echo "error: study.sh: no row named '$want'" >&2; exit 2; }
@@ -43,6 +55,11 @@ mkdir -p runs/study
 for row in "${rows[@]}"; do
   name=${row%%|*}; flags=${row#*|}
   [[ $# -eq 0 || " $* " == *" $name "* ]] || continue
-  python train.py $flags --out runs/study/$name | grep '^summary' > runs/study/$name.summary
-  echo "$name | $(cat runs/study/$name.summary)"
+  for seed in ${SEEDS:-0}; do
+    run=$name$([[ $seed == 0 ]] || echo "-s$seed")
+    python train.py $flags --seed "$seed" --out runs/study/$run | grep '^summary' > runs/study/$run.summary
+    python eval_knn.py --ckpt runs/study/$run/latest.pt --data "$data" --which "$(
+      [[ $flags == *"--target frozen"* ]] && echo context || echo target)" > runs/study/$run.eval
+    echo "$run | $(cat runs/study/$run.summary)"
+  done
 done

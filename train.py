@@ -507,19 +507,15 @@ def main(argv=None):
     log(f"I-JEPA: {args.model}/{args.patch_size} at {args.img_size}px ({grid[0]}x{grid[1]} patches), "
         f"{sum(p.numel() for g in optimizer.param_groups for p in g['params']) / 1e6:.1f}M trained params, "
         f"{len(train_set)} images{' (decoded once, in memory)' if getattr(train_set, 'images', None) else ''}, "
-        f"{world} process(es) x batch {B}, {total} steps, {args.dtype} on {device}, "
-        f"target={args.target}")
+        f"{world} process(es) x batch {B}, {total} steps, {args.dtype} on {device}, target={args.target}")
 
     # the loop: schedules, masks, one step, then the monitor, kNN, log and checkpoint
-    old_log = master and args.resume and checkpoint.trim_log(log_path, start)
-    csv_file = open(log_path, "a" if old_log else "w", newline="") if master else None
-    if master and not old_log:
-        csv.writer(csv_file).writerow(LOG_COLUMNS)
+    csv_file = checkpoint.open_log(log_path, LOG_COLUMNS, start if args.resume else None) if master else None
     loss_value, stats, timed_steps, timed_s, warnings, stop = float("nan"), {}, 0, 0.0, 0, False
     t_last, step, t_start = time.perf_counter(), start, time.perf_counter()
     asked, previous_handlers = checkpoint.catch_stop_signals()
     # kNN reads the target encoder, as the paper; a frozen target learns nothing, so there it reads the student
-    which, evaluated = ("context", nets.online) if args.target == "frozen" else ("target", nets.target)
+    which, probed = ("context", nets.online) if args.target == "frozen" else ("target", nets.target)
     for step, (imgs, _) in enumerate(loader, start=start):
         lr, wd, m = lr_at(step, total, warmup, args), wd_at(step, total, args), momentum_at(step, total, *args.ema)
         for group in optimizer.param_groups:
@@ -541,8 +537,7 @@ def main(argv=None):
         if step - start >= 3:  # steady-state throughput: the first steps pay for warm-up and allocation
             timed_steps, timed_s = timed_steps + 1, timed_s + time.perf_counter() - t_last
         knn_due = bool(args.knn_every) and done % args.knn_every == 0  # the same on every rank
-        knn = (knn_evaluate(evaluated, bank_set, query_set, device, dtype, args.workers) if knn_due and master
-               else None)
+        knn = knn_evaluate(probed, bank_set, query_set, device, dtype, args.workers) if knn_due and master else None
         if done % args.log_every == 0 or done == total or step == 0 or knn_due:  # step 0: the monitor's yardstick
             step_s = timed_s / timed_steps if timed_steps else None
             row = dict(step=done, total=total, epoch=step // steps_per_epoch, loss=loss_value, lr=lr, wd=wd,
@@ -554,12 +549,9 @@ def main(argv=None):
         new_best = bool(knn) and knn[0] > best[1]  # "monitor kNN, stop early", kept: best.pt holds the peak
         best = (done, knn[0]) if new_best else best
         if master and (done % args.save_every == 0 or done == total or stop or new_best):
-            state = checkpoint.checkpoint_state(trained_modules(nets), optimizer, scaler, done, config=config,
-                                                epoch=done // steps_per_epoch, args=vars(args),
-                                                monitor_reference=reference, best_step=best[0], best_knn=best[1])
-            checkpoint.save_checkpoint(ckpt_path, state)  # also at a new best: best.pt never outlives latest.pt
-            if new_best:
-                checkpoint.save_checkpoint(os.path.join(args.out, "best.pt"), state)
+            checkpoint.save_run(args.out, checkpoint.checkpoint_state(
+                trained_modules(nets), optimizer, scaler, done, config=config, epoch=done // steps_per_epoch,
+                args=vars(args), monitor_reference=reference, best_step=best[0], best_knn=best[1]), new_best)
         if stop:
             log(f"stopped by a signal after step {done}/{total}: {ckpt_path} holds it; the same command with "
                 f"--auto-resume (or --resume) continues exactly", flush=True)
@@ -574,10 +566,10 @@ def main(argv=None):
     summary = dict(steps=step + 1 - start if total > start else 0, loss=loss_value,
                    img_per_s=B * world * timed_steps / max(timed_s, 1e-9), **{k: stats.get(k, math.nan) for k in
                    ("std_mean", "eff_rank", "sigreg")}, peak_mem_mb=peak_mem_mb(device), collapse_warnings=warnings,
-                   train_s=time.perf_counter() - t_start, **(dict(best_step=best[0], best_knn=best[1]) if args.knn_every
-                                                             else {}))
+                   train_s=time.perf_counter() - t_start, **(dict(best_step=best[0], best_knn=best[1])
+                                                             if args.knn_every else {}))
     if bank_set is not None and master:
-        summary.update(final_knn(evaluated, which, config, bank_set, query_set, args, device, dtype, log))
+        summary.update(final_knn(probed, which, config, bank_set, query_set, args, device, dtype, log))
     log("summary: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     if ddp:
         dist.destroy_process_group()
