@@ -165,6 +165,32 @@ def study_table(folder, logs):
     return "\n".join(rows)
 
 
+def seed_groups(names):
+    """{row: [run names]}: seed 0 of row NAME runs as NAME, seed S as NAME-sS (study.sh SEEDS)."""
+    groups = {}
+    for name in names:
+        base, _, seed = name.rpartition("-s")
+        groups.setdefault(base if base and seed.isdigit() else name, []).append(name)
+    return groups
+
+
+def seed_table(folder, names):
+    """Rows with several seeds: eval_knn.py's kNN and probe as mean (min-max) over the seeds that were scored.
+    The rule for a difference between two rows: their seed ranges do not overlap."""
+    rows = ["| row | seeds | eval kNN, mean (min-max) | probe, mean (min-max) |", "| --- | --- | --- | --- |"]
+    for row, runs in seed_groups(names).items():
+        scored = [read_summary(os.path.join(folder, f"{run}.eval")) for run in runs]
+        scored = [s for s in scored if "knn_top1" in s]
+        if len(scored) < 2:
+            continue
+        cells = []
+        for key in ("knn_top1", "linear_top1"):
+            v = [s[key] for s in scored if key in s]
+            cells.append(f"{sum(v) / len(v):.2f} ({min(v):.2f}-{max(v):.2f})" if v else "-")
+        rows.append(f"| {row} | {len(scored)} | {cells[0]} | {cells[1]} |")
+    return "\n".join(rows)
+
+
 def draw_small(folder, path):
     """kNN of the small preset's runs against minutes of training, with the two flat references."""
     runs = find_logs(folder)
@@ -198,6 +224,7 @@ def main(argv=None):
     draw_study(args.study, study, os.path.join(args.out, "study.png"))
     draw_small(args.small, os.path.join(args.out, "small.png"))
     print(study_table(args.study, study))
+    print(seed_table(args.study, list(study)))
     print(f"wrote masks.png, study.png and small.png to {args.out}")
 
 

@@ -897,6 +897,18 @@ def test_study_spearman_matches_pearson_of_ranks_by_hand():
     assert figures.spearman(a, [-x for x in a]) == pytest.approx(-1.0)
 
 
+def test_study_seed_groups_and_table(tmp_path):
+    import figures
+    names = ["plain", "plain-s1", "plain-s2", "plain-sigreg-proj-0.09", "plain-sigreg-proj-0.09-s1", "plain-ema-0"]
+    assert figures.seed_groups(names) == {"plain": ["plain", "plain-s1", "plain-s2"], "plain-ema-0": ["plain-ema-0"],
+                                          "plain-sigreg-proj-0.09": ["plain-sigreg-proj-0.09",
+                                                                     "plain-sigreg-proj-0.09-s1"]}
+    for run, knn, probe in (("plain", 36.6, 50.65), ("plain-s1", 38.0, 49.0), ("plain-s2", 35.0, 51.0)):
+        open(tmp_path / f"{run}.eval", "w").write(f"summary: knn_top1={knn} linear_top1={probe}\n")
+    table = figures.seed_table(str(tmp_path), names)
+    assert "| plain | 3 | 36.53 (35.00-38.00) | 50.22 (49.00-51.00) |" in table and "ema" not in table
+
+
 def test_collapse_alarm_fires_on_one_direction_even_from_a_low_start():
     from losses import collapse_suspected
     start = {"std_mean": 0.129, "eff_rank": 2.9}  # a random-init encoder's pooled features on cifar10-mini
