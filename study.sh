@@ -47,6 +47,13 @@ rows=(  # in the order they run when no names are given: the rows that answer th
   "plain-sigreg-proj-shared-0.5|$plain --sigreg 0.5 --projector 16 --target shared"
   "plain-sigreg-0.02|$plain --sigreg 0.02"  # unprojected, beside plain-sigreg (0.05)
   "plain-sigreg-0.5|$plain --sigreg 0.5"
+  # the tricks the literature names that no row above tests (the default predictor is 3 deep x 96 wide)
+  "plain-pred-shallow-wide|$plain --pred-depth 1 --pred-dim 384"  # paper Sec. 5: a simple predictor
+  "plain-targets-small|$plain --target-scale 0.03 0.05"  # 2 x 2-patch targets instead of 15-20% of the image
+  "plain-context-small|$plain --context-scale 0.5 0.6 --min-keep 4"  # ~6 context patches of 64, not ~20
+  "plain-vicreg-0.02|$plain --vicreg 0.02"  # the weight practitioners recommend, beside plain-vicreg-1
+  "plain-rgb-aux|$plain --rgb-aux 1"  # the pixel loss alone, outside the small preset's bundle
+  "plain-ema-const|$plain --ema 0.996 0.996"  # a constant momentum, not the 0.996 -> 1.0 ramp
 )
 for want in "$@"; do  # a misspelt name is an error, not a row silently skipped
   printf '%s\n' "${rows[@]}" | grep -q "^$want|" || { echo "error: study.sh: no row named '$want'" >&2; exit 2; }
