@@ -550,6 +550,30 @@ def test_kill_and_resume_gives_same_weights_and_log(tmp_path):
     assert log_rows(out / "log.csv") == log_rows(tmp_path / "full" / "log.csv")  # rows past the kill trimmed, redone
 
 
+def test_checkpoint_module_serves_another_loop_with_its_three_calls(tmp_path):
+    def run(out, steps, resume=False):  # a loop that is not I-JEPA's: the three calls of checkpoint.py's docstring
+        torch.manual_seed(0)
+        net = torch.nn.Linear(4, 2)
+        opt = torch.optim.AdamW(net.parameters(), lr=0.1)
+        latest = checkpoint.claim_run(str(out), SimpleNamespace(resume=resume, auto_resume=False))
+        start = checkpoint.restore(latest, {"net": net}, opt)["step"] if resume else 0
+        for step in range(start, steps):
+            g = torch.Generator().manual_seed(step)  # the data of a step: a function of the step
+            loss = net(torch.randn(8, 4, generator=g)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            checkpoint.save_run(str(out), checkpoint.checkpoint_state({"net": net}, opt, None, step + 1))
+        return net.state_dict()
+
+    whole = run(tmp_path / "whole", 6)
+    run(tmp_path / "split", 3)
+    with pytest.raises(SystemExit, match="already holds a run at step 3"):
+        run(tmp_path / "split", 6)
+    again = run(tmp_path / "split", 6, resume=True)
+    assert all(torch.equal(whole[k], again[k]) for k in whole)
+
+
 def test_trim_log_keeps_rows_up_to_the_checkpoint(tmp_path):
     path = str(tmp_path / "log.csv")
     rows = [["step", "loss"]] + [[str(s), str(s / 10)] for s in (1, 2, 5, 6, 7, 10)]
