@@ -98,30 +98,66 @@ def study_runs(folder):
     return logs
 
 
+# The study's panels: a row goes to the first panel whose keywords its name holds (the small preset's rows to
+# the last); plain, the reference, is drawn in each.
+PANELS = [("the guards: stop-gradient, slow target", ("target-shared", "ema", "frozen", "salt")),
+          ("the regularisers: SIGReg, VICReg", ("sigreg", "vicreg")),
+          ("losses and targets", ("loss-", "norm-none", "rgb-aux")),
+          ("masks and predictor", ("vjepa", "targets-", "context-", "pred-")),
+          ("the recipes: the small preset", ("small",))]
+
+
+def panel_of(row):
+    """The index in PANELS of a study row (None for plain and for a row no keyword names)."""
+    if row.startswith("small"):
+        return len(PANELS) - 1
+    return next((i for i, (_, keys) in enumerate(PANELS) if any(k in row for k in keys)), None)
+
+
+def mean_band(logs, key):
+    """Seeds of one row -> (steps, mean, min, max) of column `key` at the steps every seed logged it."""
+    per_run = [{s: v for s, v in zip(log["step"], log[key]) if v is not None} for log in logs]
+    steps = sorted(set.intersection(*(set(r) for r in per_run)))
+    values = [[r[s] for r in per_run] for s in steps]
+    return steps, [sum(v) / len(v) for v in values], [min(v) for v in values], [max(v) for v in values]
+
+
 def draw_study(folder, logs, path):
-    """kNN, effective rank and feature std against steps, a line per configuration (logs: study_runs(folder))."""
-    fig, axes = plt.subplots(1, 3, figsize=(16, 6))
+    """kNN against steps in five panels of related rows, each row's mean over its seeds with the min-max band,
+    and a sixth panel with every row's effective rank (logs: study_runs(folder))."""
+    fig, axes = plt.subplots(2, 3, figsize=(15, 9.5), sharex=True)
+    groups = seed_groups(logs)
     summaries = glob.glob(os.path.join(folder, "*.summary"))
-    if summaries:  # the random-init encoder of the same shape, scored by the same run
-        axes[0].axhline(read_summary(summaries[0])["knn_top1_random"], color="black", ls=":", label="random init")
-    axes[0].axhline(RAW_PIXELS, color="gray", ls=":", label="raw pixels")
-    colours = plt.get_cmap("tab20").colors
-    for i, (name, log) in enumerate(logs.items()):
-        dashed = "shared" in name or "ema" in name  # no slow target
-        style = dict(lw=2.4 if name in ("plain", "small") else 1.2, ls="--" if dashed else "-", color=colours[i % 20])
-        knn = [(s, k) for s, k in zip(log["step"], log["knn_top1"]) if k is not None]
-        axes[0].plot(*zip(*knn), marker="o", ms=3, label=name, **style)
-        axes[1].plot(log["step"], log["eff_rank"], **style)
-        axes[2].plot(log["step"], log["std_mean"], **style)
-    for ax, title in zip(axes, ["kNN top-1 (%) on val", "effective rank of pooled target features",
-                                "per-dimension std of pooled target features"]):
+    random_init = read_summary(summaries[0]).get("knn_top1_random") if summaries else None
+    colours = plt.get_cmap("tab10").colors
+    for p, (ax, (title, _)) in enumerate(zip(axes.flat, PANELS)):
+        rows = ["plain"] * ("plain" in groups) + [r for r in groups if panel_of(r) == p]
+        for i, row in enumerate(rows):
+            steps, mean, lo, hi = mean_band([logs[run] for run in groups[row]], "knn_top1")
+            style = dict(color="black" if row == "plain" else colours[i % 10], lw=2.2 if row == "plain" else 1.3,
+                         ls="--" if any(k in row for k in ("shared", "ema-0")) else "-")
+            ax.plot(steps, mean, marker="o", ms=2.5, label=f"{row} ({len(groups[row])})", **style)
+            if len(groups[row]) > 1:
+                ax.fill_between(steps, lo, hi, color=style["color"], alpha=0.15, lw=0)
+        if random_init:
+            ax.axhline(random_init, color="gray", ls=":", lw=1)
+        ax.axhline(RAW_PIXELS, color="gray", ls="-.", lw=1)
         ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7, loc="lower right")
+        ax.set_ylabel("kNN top-1 (%) on val")
+    ax = axes.flat[5]
+    for i, (row, runs) in enumerate(groups.items()):
+        steps, mean, _, _ = mean_band([logs[run] for run in runs], "eff_rank")
+        ax.plot(steps, mean, lw=2.2 if row == "plain" else 0.9, color="black" if row == "plain" else None)
+    ax.set_yscale("log")
+    ax.set_title("effective rank of pooled target features, every row (plain in black)", fontsize=10)
+    for ax in axes[1]:
         ax.set_xlabel("step")
-    axes[2].set_yscale("log")
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=7, fontsize=8)  # below: 20 lines
-    fig.suptitle("Mechanisms on and off (cifar10-mini, 4-deep ViT-Tiny/4, 3,900 steps of 64): dashed = no slow target")
-    fig.tight_layout(rect=(0, 0.14, 1, 1))
-    fig.savefig(path, dpi=90)
+    fig.suptitle("Mechanisms on and off, cifar10-mini, 4-deep ViT-Tiny/4, 3,900 steps of 64: mean over seeds "
+                 "(in brackets), band = min-max; dotted: random init, dash-dot: raw pixels; dashed: no slow target",
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.savefig(path, dpi=80)
 
 
 def spearman(a, b):

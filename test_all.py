@@ -931,6 +931,10 @@ def test_study_seed_groups_and_table(tmp_path):
         open(tmp_path / f"{run}.eval", "w").write(f"summary: knn_top1={knn} linear_top1={probe}\n")
     table = figures.seed_table(str(tmp_path), names)
     assert "| plain | 3 | 36.53 (35.00-38.00) | 50.22 (49.00-51.00) |" in table and "ema" not in table
+    logs = [{"step": [390, 780, 1170], "knn_top1": [30.0, 32.0, None]}, {"step": [390, 780], "knn_top1": [28.0, 36.0]}]
+    assert figures.mean_band(logs, "knn_top1") == ([390, 780], [29.0, 34.0], [28.0, 32.0], [30.0, 36.0])
+    assert [figures.panel_of(n) for n in ("plain-ema-0", "plain-sigreg-shared", "plain-targets-small", "small")] == [
+        0, 1, 3, 4]
 
 
 def test_collapse_alarm_fires_on_one_direction_even_from_a_low_start():
