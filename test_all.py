@@ -952,7 +952,7 @@ def test_collapse_alarm_flags_a_rank_two_batch_in_absolute_terms():
     rank_two = torch.randn(64, 2, generator=g) @ torch.randn(2, 192, generator=g)  # 64 images, 192 features
     stats, start = collapse_stats(rank_two), {"std_mean": 0.129, "eff_rank": 2.9}  # start: random init's rank
     assert stats["eff_rank"] < 2.01 and stats["width"] == 64
-    assert collapse_suspected(stats, start)  # 2 of a reachable 64: below the 5% floor
+    assert collapse_suspected(stats, start)  # 2 of a reachable 64: below the 4% floor
     assert not collapse_suspected({**stats, "width": 16}, start)  # relative rule alone: 2 > max(0.58, 1.5)
     assert not collapse_suspected(collapse_stats(torch.randn(64, 192, generator=g)), start)
 
