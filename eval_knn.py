@@ -35,15 +35,20 @@ def encoder_config_from_weights(state, patch_size=None):
                 mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / dim)
 
 
-def load_encoder(path, which="target", patch_size=None):
-    """Rebuild an encoder from our checkpoint (config stored in it) or an official one (.pth.tar with
-    `module.`-prefixed encoder / target_encoder dicts and no config)."""
+def encoder_state(path, which="target", patch_size=None):
+    """-> (state dict under our names, encoder config) of the target or context encoder of our checkpoint
+    (config stored in it) or of an official .pth.tar (`module.`-prefixed dicts, shape read from the weights)."""
     ckpt = load_checkpoint(path)
     key = {"target": "target_encoder", "context": "encoder"}[which]
     if key not in ckpt:
         raise SystemExit(f"error: {path} has no '{key}' weights (keys: {', '.join(map(str, ckpt))})")
     state = {k.removeprefix("module."): v for k, v in ckpt[key].items()}
-    config = ckpt["config"]["encoder"] if "config" in ckpt else encoder_config_from_weights(state, patch_size)
+    return state, ckpt["config"]["encoder"] if "config" in ckpt else encoder_config_from_weights(state, patch_size)
+
+
+def load_encoder(path, which="target", patch_size=None):
+    """Rebuild an encoder from our checkpoint or an official one (encoder_state)."""
+    state, config = encoder_state(path, which, patch_size)
     encoder = models.VisionTransformer(**config)
     encoder.load_state_dict(state)
     encoder.config = config  # so that a random-init control of the same shape can be built

@@ -23,21 +23,10 @@ import os
 
 import torch
 
-from eval_knn import encoder_config_from_weights, load_checkpoint  # weights_only loading; official shapes
+from eval_knn import encoder_state  # weights_only loading; our checkpoints and official ones
 
 HF_LAYER = {"norm1": "layernorm_before", "attn.proj": "attention.output.dense", "norm2": "layernorm_after",
             "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}  # ours -> the hub's, per block
-
-
-def read_encoder(path, which):
-    """-> (state dict under our names, encoder config) of the target or context encoder of our checkpoint or
-    of an official .pth.tar (its `module.` prefixes stripped, its shape read from the weights)."""
-    ckpt = load_checkpoint(path)
-    key = {"target": "target_encoder", "context": "encoder"}[which]
-    if key not in ckpt:
-        raise SystemExit(f"error: {path} has no '{key}' weights (keys: {', '.join(map(str, ckpt))})")
-    state = {k.removeprefix("module."): v for k, v in ckpt[key].items()}
-    return state, ckpt["config"]["encoder"] if "config" in ckpt else encoder_config_from_weights(state)
 
 
 def to_hf(state, depth):
@@ -142,7 +131,7 @@ def main(argv=None):
     kind, out = args.to
     if kind not in ("hf", "timm"):
         raise SystemExit(f"error: --to {kind}: choose hf or timm")
-    state, config = read_encoder(args.ckpt, args.which)
+    state, config = encoder_state(args.ckpt, args.which)
     files = [os.path.join(out, f) for f in ("config.json", "model.safetensors")] if kind == "hf" else [out]
     if any(os.path.exists(f) for f in files):
         raise SystemExit(f"error: {out} already holds an export: remove it or give another path")

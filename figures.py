@@ -146,7 +146,7 @@ def draw_study(folder, logs, path):
         ax.legend(fontsize=7, loc="lower right")
         ax.set_ylabel("kNN top-1 (%) on val")
     ax = axes.flat[5]
-    for i, (row, runs) in enumerate(groups.items()):
+    for row, runs in groups.items():
         steps, mean, _, _ = mean_band([logs[run] for run in runs], "eff_rank")
         ax.plot(steps, mean, lw=2.2 if row == "plain" else 0.9, color="black" if row == "plain" else None)
     ax.set_yscale("log")

@@ -571,8 +571,7 @@ def main(argv=None):
     if bank_set is not None and master:
         summary.update(final_knn(probed, which, config, bank_set, query_set, args, device, dtype, log))
     log("summary: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
-    if ddp:
-        dist.destroy_process_group()
+    dist.destroy_process_group() if ddp else None
     return summary
 
 if __name__ == "__main__":
