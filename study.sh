@@ -28,7 +28,7 @@ rows=(  # in the order they run when no names are given: the rows that answer th
   "plain-vicreg-1|$plain --vicreg 1"
   "plain-vjepa|$plain --loss l1 $heavy"
   "plain-salt-1|$plain --latent-weight 0 --rgb-aux 1 --steps 1950"  # SALT: half the steps each
-  "plain-salt-2|$plain --target frozen --teacher runs/study/plain-salt-1/latest.pt --steps 1950"
+  "plain-salt-2|$plain --target frozen --teacher runs/study/plain-salt-1%s/latest.pt --steps 1950"  # %s: the seed's suffix
   "plain-target-norm-none|$plain --target-norm none"
   "plain-loss-l2|$plain --loss l2"
   "plain-loss-l1|$plain --loss l1"
@@ -63,8 +63,8 @@ for row in "${rows[@]}"; do
   name=${row%%|*}; flags=${row#*|}
   [[ $# -eq 0 || " $* " == *" $name "* ]] || continue
   for seed in ${SEEDS:-0}; do
-    run=$name$([[ $seed == 0 ]] || echo "-s$seed")
-    python train.py $flags --seed "$seed" --out runs/study/$run | grep '^summary' > runs/study/$run.summary
+    suffix=$([[ $seed == 0 ]] || echo "-s$seed"); run=$name$suffix
+    python train.py ${flags//%s/$suffix} --seed "$seed" --out runs/study/$run | grep '^summary' > runs/study/$run.summary
     python eval_knn.py --ckpt runs/study/$run/latest.pt --data "$data" --which "$(
       [[ $flags == *"--target frozen"* ]] && echo context || echo target)" > runs/study/$run.eval
     echo "$run | $(cat runs/study/$run.summary)"
