@@ -210,20 +210,38 @@ def seed_groups(names):
     return groups
 
 
-def seed_table(folder, names):
-    """Rows with several seeds: eval_knn.py's kNN and probe as mean (min-max) over the seeds that were scored.
-    The rule for a difference between two rows: their seed ranges do not overlap."""
-    rows = ["| row | seeds | eval kNN, mean (min-max) | probe, mean (min-max) |", "| --- | --- | --- | --- |"]
+def against(row, ref):
+    """The study's rule for a difference (RESULTS.md): "above", "below" or "within" for the per-seed scores of
+    a row against a reference row's. Both with several seeds: their min-max ranges do not overlap. One of them
+    with a single seed: it lies outside the other's range by more than that range's width (the one-seed row's
+    own spread is unknown, so the other's stands in for it). Both single: "?", the rule cannot tell."""
+    if len(row) == 1 and len(ref) == 1:
+        return "?"
+    if len(ref) == 1:  # the single seed is the reference: judge it against the row, then turn the answer round
+        return {"above": "below", "below": "above"}.get(against(ref, row), "within")
+    lo, hi = min(ref), max(ref)
+    margin = hi - lo if len(row) == 1 else 0.0
+    return "above" if min(row) > hi + margin else "below" if max(row) < lo - margin else "within"
+
+
+def seed_table(folder, names, ref="plain"):
+    """Every scored row: eval_knn.py's kNN and probe as mean (min-max) over its seeds, and where each stands
+    against the reference row by the rule of `against`, kNN and probe judged apart."""
+    rows = [f"| row | seeds | eval kNN, mean (min-max) | probe, mean (min-max) | against {ref}: kNN / probe |",
+            "| --- | --- | --- | --- | --- |"]
+    scores = {}
     for row, runs in seed_groups(names).items():
         scored = [read_summary(os.path.join(folder, f"{run}.eval")) for run in runs]
-        scored = [s for s in scored if "knn_top1" in s]
-        if len(scored) < 2:
+        scores[row] = [[s[key] for s in scored if key in s] for key in ("knn_top1", "linear_top1")]
+    for row in sorted(scores, key=lambda r: (r != ref, panel_of(r) if panel_of(r) is not None else len(PANELS), r)):
+        knn, probe = scores[row]
+        if not knn:
             continue
-        cells = []
-        for key in ("knn_top1", "linear_top1"):
-            v = [s[key] for s in scored if key in s]
-            cells.append(f"{sum(v) / len(v):.2f} ({min(v):.2f}-{max(v):.2f})" if v else "-")
-        rows.append(f"| {row} | {len(scored)} | {cells[0]} | {cells[1]} |")
+        cells = [f"{sum(v) / len(v):.2f}" + (f" ({min(v):.2f}-{max(v):.2f})" if len(v) > 1 else "") if v else "-"
+                 for v in (knn, probe)]
+        verdict = " / ".join(against(v, r) if v and r and row != ref else "-"
+                             for v, r in zip((knn, probe), scores.get(ref, ([], []))))
+        rows.append(f"| {row} | {len(knn)} | {cells[0]} | {cells[1]} | {verdict} |")
     return "\n".join(rows)
 
 

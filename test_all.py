@@ -921,6 +921,16 @@ def test_study_spearman_matches_pearson_of_ranks_by_hand():
     assert figures.spearman(a, [-x for x in a]) == pytest.approx(-1.0)
 
 
+def test_study_rule_for_a_difference_by_hand():
+    # RESULTS.md's rule: seed ranges that do not overlap; a single seed outside the range by more than its width
+    from figures import against
+    plain = [35.0, 38.0]  # width 3: a single seed must fall under 32 or over 41
+    assert against([30.0, 31.0], plain) == "below" and against([34.0, 36.0], plain) == "within"
+    assert against([31.5], plain) == "below" and against([32.5], plain) == "within"
+    assert against([41.5], plain) == "above" and against([40.5], plain) == "within"
+    assert against(plain, [31.5]) == "above" and against([36.0], [20.0]) == "?"
+
+
 def test_study_seed_groups_and_table(tmp_path):
     import figures
     names = ["plain", "plain-s1", "plain-s2", "plain-sigreg-proj-0.09", "plain-sigreg-proj-0.09-s1", "plain-ema-0"]
@@ -930,7 +940,7 @@ def test_study_seed_groups_and_table(tmp_path):
     for run, knn, probe in (("plain", 36.6, 50.65), ("plain-s1", 38.0, 49.0), ("plain-s2", 35.0, 51.0)):
         open(tmp_path / f"{run}.eval", "w").write(f"summary: knn_top1={knn} linear_top1={probe}\n")
     table = figures.seed_table(str(tmp_path), names)
-    assert "| plain | 3 | 36.53 (35.00-38.00) | 50.22 (49.00-51.00) |" in table and "ema" not in table
+    assert "| plain | 3 | 36.53 (35.00-38.00) | 50.22 (49.00-51.00) | - / - |" in table and "ema" not in table
     logs = [{"step": [390, 780, 1170], "knn_top1": [30.0, 32.0, None]}, {"step": [390, 780], "knn_top1": [28.0, 36.0]}]
     assert figures.mean_band(logs, "knn_top1") == ([390, 780], [29.0, 34.0], [28.0, 32.0], [30.0, 36.0])
     assert [figures.panel_of(n) for n in ("plain-ema-0", "plain-sigreg-shared", "plain-targets-small", "small")] == [
