@@ -191,7 +191,7 @@ def study_table(folder, logs):
         if not name.endswith("salt-1"):  # SALT is one run: its stage 2 ends it
             finals[name] = (last["loss"], math.nan if frozen else last["sigreg"], knn[-1][0])
     one_scale = [n for n in finals if n.startswith("plain") and not any(
-        w in n for w in ("sigreg", "vicreg", "loss-", "vjepa", "norm-none"))]
+        w in n for w in ("sigreg", "vicreg", "loss-", "vjepa", "norm-none", "rgb-aux"))]
     for title, names in [("every run", list(finals)), ("plain-base runs with plain I-JEPA's loss", one_scale)]:
         loss, stat, knn = zip(*(finals[n] for n in names))
         logged = [(s, k) for s, k in zip(stat, knn) if not math.isnan(s)]  # no column in older logs; frozen targets
