@@ -101,8 +101,8 @@ def study_runs(folder):
 # The study's panels: a row goes to the first panel whose keywords its name holds (the small preset's rows to
 # the last); plain, the reference, is drawn in each.
 PANELS = [("the guards: stop-gradient, slow target", ("target-shared", "ema", "frozen", "salt")),
-          ("the regularisers: SIGReg, VICReg", ("sigreg", "vicreg")),
-          ("losses and targets", ("loss-", "norm-none", "rgb-aux")),
+          ("SIGReg: weights, projector, with and without the guards", ("sigreg",)),
+          ("VICReg, the pixel loss, loss kinds, targets", ("vicreg", "loss-", "norm-none", "rgb-aux")),
           ("masks and predictor", ("vjepa", "targets-", "context-", "pred-")),
           ("the recipes: the small preset", ("small",))]
 
