@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The stability study (RESULTS.md, "The stability study at the small preset's budget"): I-JEPA's guards
 # broken on purpose and the other mechanisms switched on, each run for the small preset's budget (3,900
-# steps of 64 on cifar10-mini, 22-31 min a run on 2 AVX-512 cores), kNN every 390 steps, one run per row
+# steps of 64 on cifar10-mini, ~17 min a run on one AVX-512 core), kNN every 390 steps, one run per row
 # into runs/study/NAME/ (log.csv: loss, std, eff_rank, the SIGReg statistic, kNN) and its summary line
 # into runs/study/NAME.summary.
 #   bash study.sh [DATA] [NAME ...]     # no names: every row; named rows run in the order below
 #   SEEDS="0 1 2" bash study.sh DATA NAME   # seeds: seed 0 into runs/study/NAME, seed S into runs/study/NAME-sS
 # Each run is then scored by eval_knn.py (kNN and the linear probe) into runs/study/NAME.eval.
-# Two rows at a time with a thread each run the study ~1.3x faster than one on both cores (~35 min a row):
+# Two rows at a time with a thread each run the study ~1.3x faster than one on both cores (~17 min a row with the images held in memory; LeWorldModel's row ~55):
 #   OMP_NUM_THREADS=1 bash study.sh DATA A B & OMP_NUM_THREADS=1 bash study.sh DATA C D   # salt-1 before salt-2
 # Two bases: "plain" is the paper's recipe (smooth L1 on the last layer's normalised target, no extra
 # term) fitted to the budget; "small" is --preset small. Then `python figures.py --study runs/study`.
