@@ -7,7 +7,7 @@
 #   bash study.sh [DATA] [NAME ...]     # no names: every row; named rows run in the order below
 #   SEEDS="0 1 2" bash study.sh DATA NAME   # seeds: seed 0 into runs/study/NAME, seed S into runs/study/NAME-sS
 # Each run is then scored by eval_knn.py (kNN and the linear probe) into runs/study/NAME.eval.
-# Two rows at a time with a thread each run the study ~1.3x faster than one on both cores (~17 min a row with the images held in memory; LeWorldModel's row ~55):
+# Two rows at a time with a thread each beat one row on both cores (~17 min a row; LeWorldModel's ~55):
 #   OMP_NUM_THREADS=1 bash study.sh DATA A B & OMP_NUM_THREADS=1 bash study.sh DATA C D   # salt-1 before salt-2
 # Two bases: "plain" is the paper's recipe (smooth L1 on the last layer's normalised target, no extra
 # term) fitted to the budget; "small" is --preset small. Then `python figures.py --study runs/study`.
