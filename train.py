@@ -561,7 +561,8 @@ def main(argv=None):
     # the end: the summary, and kNN of the trained encoder against a random-init one
     checkpoint.restore_signals(previous_handlers)
     if stop:
-        dist.destroy_process_group() if ddp else None
+        if ddp:
+            dist.destroy_process_group()
         raise SystemExit(checkpoint.STOPPED_BY_SIGNAL)
     summary = dict(steps=step + 1 - start if total > start else 0, loss=loss_value,
                    img_per_s=B * world * timed_steps / max(timed_s, 1e-9), **{k: stats.get(k, math.nan) for k in
@@ -571,8 +572,10 @@ def main(argv=None):
     if bank_set is not None and master:
         summary.update(final_knn(probed, which, config, bank_set, query_set, args, device, dtype, log))
     log("summary: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
-    dist.destroy_process_group() if ddp else None
+    if ddp:
+        dist.destroy_process_group()
     return summary
+
 
 if __name__ == "__main__":
     main()
