@@ -13,6 +13,7 @@ saves, exact resume, stop signals, best.pt) is checkpoint.py's; the images are d
 """
 import argparse
 import csv
+import gc
 import math
 import os
 import resource
@@ -436,6 +437,16 @@ def wrap(nets, args, device, ddp):
         nets.encoder, nets.predictor = (torch.compile(m, dynamic=True) for m in (nets.encoder, nets.predictor))
 
 
+def end_processes(nets, ddp):
+    """Unwrap DDP, then end the process group. A DDP wrapper still alive when the group ends made ~1 process in 4
+    abort at exit (torch 2.13, gloo: "terminate called without an active exception"), failing a finished run."""
+    if ddp:
+        nets.encoder, nets.predictor = nets.online, nets.raw_predictor
+        nets.rgb_head, nets.projector = nets.raw_rgb_head, nets.raw_projector
+        gc.collect()  # the wrappers sit in reference cycles: free them before the group goes
+        dist.destroy_process_group()
+
+
 # loss_*: each term of the loss unweighted (its weight is the flag of the same name), so a reader sees which
 # one drives training; token_share: how alike one image's target tokens are (1: all the same token)
 LOG_COLUMNS = ["step", "epoch", "loss", "lr", "wd", "momentum", "img_per_s", "std_mean", "std_min", "eff_rank",
@@ -561,8 +572,7 @@ def main(argv=None):
     # the end: the summary, and kNN of the trained encoder against a random-init one
     checkpoint.restore_signals(previous_handlers)
     if stop:
-        if ddp:
-            dist.destroy_process_group()
+        end_processes(nets, ddp)
         raise SystemExit(checkpoint.STOPPED_BY_SIGNAL)
     summary = dict(steps=step + 1 - start if total > start else 0, loss=loss_value,
                    img_per_s=B * world * timed_steps / max(timed_s, 1e-9), **{k: stats.get(k, math.nan) for k in
@@ -572,8 +582,7 @@ def main(argv=None):
     if bank_set is not None and master:
         summary.update(final_knn(probed, which, config, bank_set, query_set, args, device, dtype, log))
     log("summary: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
-    if ddp:
-        dist.destroy_process_group()
+    end_processes(nets, ddp)
     return summary
 
 
