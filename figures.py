@@ -88,11 +88,12 @@ def draw_masks(path, image=None, seed=3):
 
 
 def study_runs(folder):
-    """{name: log} for FOLDER/*/log.csv; SALT's stage 2 (a name ending in "salt-2") is shifted by the steps
-    of its stage 1 ("salt-1"), so both stages together sit on the budget's step axis."""
+    """{name: log} for FOLDER/*/log.csv; SALT's stage 2 (row "...salt-2") is shifted by the steps of the same
+    seed's stage 1 ("...salt-1"), so both stages together sit on the budget's step axis."""
     logs = {os.path.basename(os.path.dirname(run)): read_log(run) for run in find_logs(folder)}
     for name, log in logs.items():
-        first = logs.get(name[:-1] + "1") if name.endswith("salt-2") else None
+        row, suffix = split_seed(name)
+        first = logs.get(row[:-1] + "1" + suffix) if row.endswith("salt-2") else None
         if first:
             log["step"] = [s + first["step"][-1] for s in log["step"]]
     return logs
@@ -183,12 +184,13 @@ def study_table(folder, logs):
         last = {k: log.get(k, [math.nan])[-1] for k in ("loss", "std_mean", "eff_rank", "sigreg")}
         ev = read_summary(os.path.join(folder, f"{name}.eval"))  # eval_knn.py's output, if kept
         best = max(knn, key=lambda ks: (ks[0], -ks[1]))  # a tie: the first
-        frozen = "frozen" in name or name.endswith("salt-2")  # std, rank, SIGReg: the frozen teacher's
+        row = split_seed(name)[0]
+        frozen = "frozen" in row or row.endswith("salt-2")  # std, rank, SIGReg: the frozen teacher's
         rows.append(f"| {name} | {last['loss']:.3g} | {last['std_mean']:.3f}{'*' * frozen} | "
                     f"{last['eff_rank']:.2f} | {missing(last['sigreg'], '.1f')} | {knn[-1][0]:.2f}% | "
                     f"{best[0]:.2f}% ({best[1]:.0f}) | {missing(ev.get('knn_top1', math.nan), '.2f', '%')} | "
                     f"{missing(ev.get('linear_top1', math.nan), '.2f', '%')} |")
-        if not name.endswith("salt-1"):  # SALT is one run: its stage 2 ends it
+        if not row.endswith("salt-1"):  # SALT is one run: its stage 2 ends it
             finals[name] = (last["loss"], math.nan if frozen else last["sigreg"], knn[-1][0])
     one_scale = [n for n in finals if n.startswith("plain") and not any(
         w in n for w in ("sigreg", "vicreg", "loss-", "vjepa", "norm-none", "rgb-aux"))]
@@ -201,12 +203,17 @@ def study_table(folder, logs):
     return "\n".join(rows)
 
 
+def split_seed(name):
+    """A run's (row, seed suffix): seed 0 of row NAME runs as NAME, seed S as NAME-sS (study.sh SEEDS)."""
+    base, _, seed = name.rpartition("-s")
+    return (base, "-s" + seed) if base and seed.isdigit() else (name, "")
+
+
 def seed_groups(names):
-    """{row: [run names]}: seed 0 of row NAME runs as NAME, seed S as NAME-sS (study.sh SEEDS)."""
+    """{row: [run names]} over the runs' seeds."""
     groups = {}
     for name in names:
-        base, _, seed = name.rpartition("-s")
-        groups.setdefault(base if base and seed.isdigit() else name, []).append(name)
+        groups.setdefault(split_seed(name)[0], []).append(name)
     return groups
 
 
@@ -231,6 +238,8 @@ def seed_table(folder, names, ref="plain"):
             "| --- | --- | --- | --- | --- |"]
     scores = {}
     for row, runs in seed_groups(names).items():
+        if row.endswith("salt-1"):  # SALT's stage 1 is half of one run, scored with its stage 2
+            continue
         scored = [read_summary(os.path.join(folder, f"{run}.eval")) for run in runs]
         scores[row] = [[s[key] for s in scored if key in s] for key in ("knn_top1", "linear_top1")]
     for row in sorted(scores, key=lambda r: (r != ref, panel_of(r) if panel_of(r) is not None else len(PANELS), r)):

@@ -947,6 +947,17 @@ def test_study_seed_groups_and_table(tmp_path):
         0, 1, 3, 4]
 
 
+def test_study_salt_stage_two_follows_its_own_seeds_stage_one(tmp_path):
+    # SALT is one run in two stages: stage 2 of seed S sits after stage 1 of seed S on the step axis
+    import figures
+    for run, last in (("plain-salt-1", 1950), ("plain-salt-1-s1", 1000), ("plain-salt-2", 10), ("plain-salt-2-s1", 10)):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "log.csv").write_text(f"step,knn_top1\n{last},\n")
+    logs = figures.study_runs(str(tmp_path))
+    assert logs["plain-salt-2"]["step"] == [1960] and logs["plain-salt-2-s1"]["step"] == [1010]
+    assert logs["plain-salt-1-s1"]["step"] == [1000]
+
+
 def test_collapse_alarm_fires_on_one_direction_even_from_a_low_start():
     from losses import collapse_suspected
     start = {"std_mean": 0.129, "eff_rank": 2.9}  # a random-init encoder's pooled features on cifar10-mini
