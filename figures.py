@@ -233,9 +233,10 @@ def against(row, ref):
 
 def seed_table(folder, names, ref="plain"):
     """Every scored row: eval_knn.py's kNN and probe as mean (min-max) over its seeds, and where each stands
-    against the reference row by the rule of `against`, kNN and probe judged apart."""
-    rows = [f"| row | seeds | eval kNN, mean (min-max) | probe, mean (min-max) | against {ref}: kNN / probe |",
-            "| --- | --- | --- | --- | --- |"]
+    against its base by the rule of `against`, kNN and probe judged apart. The base is the reference row, or
+    the small preset for a departure from it (`small-vicreg-0` changes one flag of `small`, not of plain)."""
+    rows = ["| row | seeds | eval kNN, mean (min-max) | probe, mean (min-max) | base | against base: kNN / probe |",
+            "| --- | --- | --- | --- | --- | --- |"]
     scores = {}
     for row, runs in seed_groups(names).items():
         if row.endswith("salt-1"):  # SALT's stage 1 is half of one run, scored with its stage 2
@@ -248,9 +249,10 @@ def seed_table(folder, names, ref="plain"):
             continue
         cells = [f"{sum(v) / len(v):.2f}" + (f" ({min(v):.2f}-{max(v):.2f})" if len(v) > 1 else "") if v else "-"
                  for v in (knn, probe)]
+        base = "small" if row.startswith("small-") and "small" in scores else ref
         verdict = " / ".join(against(v, r) if v and r and row != ref else "-"
-                             for v, r in zip((knn, probe), scores.get(ref, ([], []))))
-        rows.append(f"| {row} | {len(knn)} | {cells[0]} | {cells[1]} | {verdict} |")
+                             for v, r in zip((knn, probe), scores.get(base, ([], []))))
+        rows.append(f"| {row} | {len(knn)} | {cells[0]} | {cells[1]} | {'-' if row == ref else base} | {verdict} |")
     return "\n".join(rows)
 
 

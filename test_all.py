@@ -937,10 +937,15 @@ def test_study_seed_groups_and_table(tmp_path):
     assert figures.seed_groups(names) == {"plain": ["plain", "plain-s1", "plain-s2"], "plain-ema-0": ["plain-ema-0"],
                                           "plain-sigreg-proj-0.09": ["plain-sigreg-proj-0.09",
                                                                      "plain-sigreg-proj-0.09-s1"]}
-    for run, knn, probe in (("plain", 36.6, 50.65), ("plain-s1", 38.0, 49.0), ("plain-s2", 35.0, 51.0)):
+    scored = (("plain", 36.6, 50.65), ("plain-s1", 38.0, 49.0), ("plain-s2", 35.0, 51.0), ("small", 45.0, 50.0),
+              ("small-s1", 47.0, 51.0), ("small-x", 37.0, 50.5), ("small-x-s1", 38.0, 50.5))
+    for run, knn, probe in scored:
         open(tmp_path / f"{run}.eval", "w").write(f"summary: knn_top1={knn} linear_top1={probe}\n")
-    table = figures.seed_table(str(tmp_path), names)
-    assert "| plain | 3 | 36.53 (35.00-38.00) | 50.22 (49.00-51.00) | - / - |" in table and "ema" not in table
+    table = figures.seed_table(str(tmp_path), names + ["small", "small-s1", "small-x", "small-x-s1"])
+    assert "| plain | 3 | 36.53 (35.00-38.00) | 50.22 (49.00-51.00) | - | - / - |" in table and "ema" not in table
+    # a departure from the small preset is judged against the small preset; the preset itself against plain
+    assert "| small | 2 | 46.00 (45.00-47.00) | 50.50 (50.00-51.00) | plain | above / within |" in table
+    assert "| small-x | 2 | 37.50 (37.00-38.00) | 50.50 (50.50-50.50) | small | below / within |" in table
     logs = [{"step": [390, 780, 1170], "knn_top1": [30.0, 32.0, None]}, {"step": [390, 780], "knn_top1": [28.0, 36.0]}]
     assert figures.mean_band(logs, "knn_top1") == ([390, 780], [29.0, 34.0], [28.0, 32.0], [30.0, 36.0])
     assert [figures.panel_of(n) for n in ("plain-ema-0", "plain-sigreg-shared", "plain-targets-small", "small")] == [
