@@ -54,6 +54,12 @@ rows=(  # in the order they run when no names are given: the rows that answer th
   "plain-vicreg-0.02|$plain --vicreg 0.02"  # the weight practitioners recommend, beside plain-vicreg-1
   "plain-rgb-aux|$plain --rgb-aux 1"  # the pixel loss alone, outside the small preset's bundle
   "plain-ema-const|$plain --ema 0.996 0.996"  # a constant momentum, not the 0.996 -> 1.0 ramp
+  # the seed's fourth rule, acting on the monitor; train.py's default thresholds, chosen on the logs of the rows
+  # above (RESULTS.md, answer 7): lower the regulariser x0.1 when kNN falls 2 points while the loss is low, or stop
+  "plain-vicreg-1-lower|$plain --vicreg 1 --lower-reg 0.1"
+  "plain-sigreg-proj-0.02-lower|$plain --sigreg 0.02 --projector 16 --lower-reg 0.1"
+  "small-lower|$common --lower-reg 0.1"
+  "plain-early-stop|$plain --early-stop 5"
 )
 for want in "$@"; do  # a misspelt name is an error, not a row silently skipped
   printf '%s\n' "${rows[@]}" | grep -q "^$want|" || { echo "error: study.sh: no row named '$want'" >&2; exit 2; }

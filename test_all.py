@@ -869,6 +869,97 @@ def test_best_checkpoint_holds_the_best_knn_and_survives_resume(tmp_path, monkey
     assert (again["best_step"], again["best_knn"]) == (8, 70.0) and load(tmp_path / "o" / "best.pt")["step"] == 8
 
 
+def rule_args(**kw):
+    return SimpleNamespace(**{**dict(early_stop=0, early_stop_margin=0.5, lower_reg=0.0, lower_reg_drop=2.0,
+                                     lower_reg_loss=0.4, vicreg=1.0, sigreg=0.0), **kw})
+
+
+def test_rule_lowers_the_weight_exactly_when_knn_falls_while_the_prediction_loss_is_low():
+    args, rule = rule_args(lower_reg=0.1), dict(train.RULE_START)
+    # (kNN, prediction loss / its step-1 value) -> reg_scale after, worked by hand: best 40 from the first evaluation
+    script = [(40.0, 0.9, 1.0),  # the first: a best, nothing to fall from
+              (38.5, 0.1, 1.0),  # 1.5 below: inside the noise
+              (37.0, 0.5, 1.0),  # 3 below, but the loss is not very low (0.5 >= 0.4)
+              (37.0, 0.3, 0.1),  # 3 below and the loss low: lowered
+              (36.0, 0.3, 0.01),  # still so: lowered again
+              (39.0, 0.3, 0.01),  # recovered to within 2: left alone
+              (45.0, 0.01, 0.01)]  # a new best: nothing fell
+    for i, (knn, ratio, scale) in enumerate(script):
+        said, stop = train.act_on_monitor(rule, 10 * (i + 1), knn, ratio, args)
+        assert rule["reg_scale"] == pytest.approx(scale) and not stop, (i, rule)
+        assert len(said) == (i in (3, 4))
+    assert (rule["best_step"], rule["best_knn"]) == (70, 45.0)
+    rule = dict(train.RULE_START)  # --lower-reg 0: the same falls change nothing
+    assert not any(train.act_on_monitor(rule, 1, knn, 0.0, rule_args())[0] for knn in (40.0, 30.0, 20.0, 10.0))
+    assert rule["reg_scale"] == 1.0
+
+
+def test_rule_early_stop_fires_after_patience_evaluations_without_a_gain_beyond_the_margin():
+    args = rule_args(early_stop=3)
+    script = [30.0, 31.0, 31.4, 31.8, 31.0, 33.0, 33.2, 33.4, 20.0]  # gains beyond 0.5 at 30, 31, 33 (not 31.4, 31.8)
+    stale = [0, 0, 1, 2, 3, 0, 1, 2, 3]  # counted by hand; patience 3 is first reached at the fifth evaluation
+    rule = dict(train.RULE_START)
+    stops = []
+    for i, knn in enumerate(script):
+        said, stop = train.act_on_monitor(rule, i + 1, knn, 1.0, args)
+        assert rule["stale_evals"] == stale[i] and len(said) == stop
+        stops.append(stop)
+    assert stops == [s >= 3 for s in stale] and rule["best_knn"] == 33.4 and rule["best_step"] == 8
+    rule = dict(train.RULE_START)  # --early-stop 0: the same sequence never stops
+    assert not any(train.act_on_monitor(rule, i, k, 1.0, rule_args())[1] for i, k in enumerate(script))
+
+
+RULE_RUN = ["--batch-size", "4", "--knn-every", "2", "--steps", "10", "--vicreg", "1", "--log-every", "1"]
+
+
+def test_rule_lowered_weight_reaches_the_loss_and_is_logged(tmp_path, monkeypatch):
+    scripted = iter([40.0, 30.0, 30.0, 45.0, 44.0, 0.0, 0.0])  # steps 2-10, then the 2 end-of-run reads
+    monkeypatch.setattr(train, "knn_evaluate", lambda *a, **k: (next(scripted), 0.0))
+    train.main(["--data", knn_folder(str(tmp_path / "data")), *RULE_RUN, "--lower-reg", "0.1", "--lower-reg-loss",
+                "100", "--out", str(tmp_path / "o"), *TINY, "--log-every", "1"])
+    rows = list(csv.DictReader(open(tmp_path / "o" / "log.csv")))
+    # fired at steps 4 and 6 (10 points under 40): in force from steps 5 and 7
+    assert [float(r["weight_vicreg"]) for r in rows] == pytest.approx([1] * 4 + [0.1] * 2 + [0.01] * 4)
+    for r in rows:  # the logged total is the prediction term plus the weight in force times the VICReg term
+        assert float(r["loss"]) == pytest.approx(float(r["loss_pred"]) + float(r["weight_vicreg"]) *
+                                                 float(r["loss_vicreg"]), rel=1e-5)
+
+
+def test_rule_early_stop_ends_the_run_saves_and_keeps_the_peak_in_best(tmp_path, monkeypatch, capsys):
+    scripted = iter([50.0, 40.0, 49.0, 0.0, 0.0])  # no gain at steps 4 and 6: patience 2 stops at step 6
+    monkeypatch.setattr(train, "knn_evaluate", lambda *a, **k: (next(scripted), 0.0))
+    summary = train.main(["--data", knn_folder(str(tmp_path / "data")), *RULE_RUN, "--early-stop", "2",
+                          "--out", str(tmp_path / "o"), *TINY])
+    assert (summary["stopped_early_at"], summary["steps_saved"], summary["steps"]) == (6, 4, 6)
+    assert load(tmp_path / "o" / "latest.pt")["step"] == 6 and load(tmp_path / "o" / "best.pt")["step"] == 2
+    assert "stopping early at step 6" in capsys.readouterr().out
+
+
+def test_rule_resumed_mid_way_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    knn = [40.0, 30.0, 30.0, 45.0, 44.0]  # the rule fires at steps 4 and 6, on both sides of the stop
+    data = knn_folder(str(tmp_path / "data"))
+    args = [*RULE_RUN, "--data", data, "--lower-reg", "0.1", "--lower-reg-loss", "100", *TINY]
+    script = iter(knn + [0.0, 0.0])
+    monkeypatch.setattr(train, "knn_evaluate", lambda *a, **k: (next(script), 0.0))
+    train.main([*args, "--out", str(tmp_path / "full")])
+    script = iter(knn[:2])  # the interrupted run: a stop signal after step 5, between the two firings
+    monkeypatch.setattr(checkpoint, "stop_requested", lambda asked, device: train_steps_done() >= 5)
+    steps = iter(range(1, 100))
+    train_steps_done = lambda: next(steps)  # noqa: E731  (stop_requested is asked once a step)
+    with pytest.raises(SystemExit):
+        train.main([*args, "--out", str(tmp_path / "cut")])
+    assert load(tmp_path / "cut" / "latest.pt")["step"] == 5
+    monkeypatch.undo()
+    script = iter(knn[2:] + [0.0, 0.0])
+    monkeypatch.setattr(train, "knn_evaluate", lambda *a, **k: (next(script), 0.0))
+    train.main([*args, "--out", str(tmp_path / "cut"), "--resume"])
+    full, again = load(tmp_path / "full" / "latest.pt"), load(tmp_path / "cut" / "latest.pt")
+    assert {k: again[k] for k in train.RULE_START} == {k: full[k] for k in train.RULE_START}
+    assert full["reg_scale"] == pytest.approx(0.01)
+    assert all(torch.equal(full[p][k], again[p][k]) for p in ("encoder", "predictor", "target_encoder") for k in full[p])
+    assert log_rows(tmp_path / "cut" / "log.csv") == log_rows(tmp_path / "full" / "log.csv")
+
+
 def test_best_checkpoint_is_never_written_with_non_finite_weights(tmp_path):
     # train.py writes best.pt and latest.pt through checkpoint.py's one guard; a non-finite weight stops the write
     good = {part: {"w": torch.ones(2)} for part in ("encoder", "predictor", "target_encoder")}

@@ -119,7 +119,22 @@ def make_parser(preset):
                    help="SIGReg reads a LeJEPA projector (2 x 2048 wide with BatchNorm, then DIM) of the pooled "
                         "context instead of the pooled context itself; with --target shared the prediction is also "
                         "compared in the projected space, both branches through it (LeWorldModel). 0: none")
+    g = p.add_argument_group("acting on the monitor (the seed's fourth rule), at each --knn-every evaluation; all off "
+                             "by default. Thresholds chosen on the study's logs (RESULTS.md, answer 7)")
     g.add_argument("--stop-on-collapse", action="store_true", help="end the run when the collapse monitor fires")
+    g.add_argument("--early-stop", type=int, default=0, metavar="P", help="end the run once kNN has not beaten its "
+                   "best by --early-stop-margin for P evaluations in a row; best.pt holds the peak. 0: off; with 5, no "
+                   "run of the study would have lost more than 1 point of its peak")
+    g.add_argument("--early-stop-margin", type=float, default=0.5, metavar="POINTS",
+                   help="a kNN gain smaller than this (in points) counts as none: evaluation noise")
+    g.add_argument("--lower-reg", type=float, default=0.0, metavar="FACTOR", help="multiply the --vicreg and --sigreg "
+                   "weights by FACTOR at each evaluation where kNN lies --lower-reg-drop points below its best while "
+                   "the prediction loss is under --lower-reg-loss of its step-1 value (the predictor has it easy, yet "
+                   "the features got worse: the regulariser is steering them). 0: off")
+    g.add_argument("--lower-reg-drop", type=float, default=2.0, metavar="POINTS",
+                   help="kNN points below its best that count as a fall (~2 standard errors on 2,000 queries)")
+    g.add_argument("--lower-reg-loss", type=float, default=0.4, metavar="FRACTION",
+                   help="the prediction loss, as a fraction of its step-1 value, under which it counts as very low")
     g = p.add_argument_group("departures from the paper, off in the imagenet preset (on in 'small')")
     g.add_argument("--invariance", type=float, metavar="W", help="weight of C-JEPA's invariance term: 1 - cos "
                    "between the pooled context and the target's pooled second view (crop + flip)")
@@ -169,7 +184,8 @@ def check_args(args):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise SystemExit(f"error: --{flag.replace('_', '-')} {getattr(args, flag)} must be at least 1")
     for flag in ("lr", "start_lr", "final_lr", "warmup", "wd", "final_wd", "vicreg", "invariance", "rgb_aux",
-                 "min_keep", "knn_every", "workers", "seed", "sigreg", "latent_weight", "projector"):
+                 "min_keep", "knn_every", "workers", "seed", "sigreg", "latent_weight", "projector", "early_stop",
+                 "early_stop_margin", "lower_reg", "lower_reg_drop", "lower_reg_loss"):
         if getattr(args, flag) < 0:
             raise SystemExit(f"error: --{flag.replace('_', '-')} {getattr(args, flag)} must not be negative")
     if not all(0 <= m <= 1 for m in args.ema):
@@ -182,6 +198,12 @@ def check_args(args):
         raise SystemExit("error: --latent-weight 0 needs --rgb-aux W > 0, or nothing is trained")
     if args.vicreg > 0 and args.batch_size < 2:
         raise SystemExit(f"error: --vicreg {args.vicreg} needs --batch-size 2 or more (a variance over the batch)")
+    if (args.early_stop or args.lower_reg) and not args.knn_every:
+        raise SystemExit("error: --early-stop and --lower-reg act on kNN: give --knn-every N too")
+    if args.lower_reg and not (args.vicreg or args.sigreg):
+        raise SystemExit(f"error: --lower-reg {args.lower_reg} lowers --vicreg or --sigreg: neither is on")
+    if args.lower_reg >= 1:
+        raise SystemExit(f"error: --lower-reg {args.lower_reg} must be below 1: the factor that lowers the weights")
     if args.projector and not args.sigreg:
         raise SystemExit(f"error: --projector {args.projector} needs --sigreg W > 0 (the projector feeds SIGReg)")
     if args.teacher and args.target != "frozen":
@@ -248,10 +270,11 @@ def target_features(target_encoder, imgs, layers, norm):
     return feats, torch.stack(outs).mean(dim=0)
 
 
-def ijepa_loss(nets, imgs, masks_ctx, masks_tgt, args, view=None, step=0):
+def ijepa_loss(nets, imgs, masks_ctx, masks_tgt, args, view=None, step=0, reg_scale=1.0):
     """The I-JEPA objective on one batch (paper Sec. 3) -> (loss, the target encoder's output (B, N, D), each
     term unweighted, for the log: pred, and sigreg / vicreg / inv / rgb when on).
-    imgs (B, 3, H, W), masks_ctx (B, Kc), masks_tgt (B, M, Kt); view (B, 3, h, w) with --invariance only."""
+    imgs (B, 3, H, W), masks_ctx (B, Kc), masks_tgt (B, M, Kt); view (B, 3, h, w) with --invariance only.
+    reg_scale: what --lower-reg has left of the --sigreg and --vicreg weights (1 until it acts)."""
     with torch.set_grad_enabled(args.target == "shared"):  # stop-gradient: the target branch builds no graph
         feats, h = target_features(nets.target, imgs, args.target_layers, args.target_norm)  # (B, N, D) each
         targets = apply_masks(h, masks_tgt)  # (B, M, Kt, D)
@@ -266,10 +289,10 @@ def ijepa_loss(nets, imgs, masks_ctx, masks_tgt, args, view=None, step=0):
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step + 7)  # same directions on every rank
         pooled = z.mean(dim=1) if nets.projector is None else nets.projector(z.mean(dim=1))
         terms["sigreg"] = sigreg(pooled, generator=gen)
-        loss = loss + args.sigreg * terms["sigreg"]
+        loss = loss + reg_scale * args.sigreg * terms["sigreg"]
     if args.vicreg > 0:  # C-JEPA: variance and covariance of the pooled context keep it from shrinking
         terms["vicreg"] = sum(vicreg_loss(z.mean(dim=1)))
-        loss = loss + args.vicreg * terms["vicreg"]
+        loss = loss + reg_scale * args.vicreg * terms["vicreg"]
     if view is not None:  # C-JEPA's invariance: the pooled context points where the target's pooled view points
         with torch.no_grad():
             pooled_view = nets.target(view).mean(dim=1)  # (B, D)
@@ -282,12 +305,13 @@ def ijepa_loss(nets, imgs, masks_ctx, masks_tgt, args, view=None, step=0):
     return loss, feats, terms
 
 
-def train_step(nets, optimizer, scaler, autocast, imgs, masks_ctx, masks_tgt, momentum, args, view=None, step=0):
+def train_step(nets, optimizer, scaler, autocast, imgs, masks_ctx, masks_tgt, momentum, args, view=None, step=0,
+               reg_scale=1.0):
     """One step: the loss, backward into context encoder and predictor, AdamW, then the EMA of the
     target. Returns (loss, target features (B, N, D) for the monitor, the loss terms as tensors).
     bench.py times this function."""
     with autocast:
-        loss, feats, terms = ijepa_loss(nets, imgs, masks_ctx, masks_tgt, args, view, step)
+        loss, feats, terms = ijepa_loss(nets, imgs, masks_ctx, masks_tgt, args, view, step, reg_scale)
     loss_value = loss.item()  # a sync point, but it stops a bad step before it reaches the weights
     if not math.isfinite(loss_value):
         raise FloatingPointError(f"loss is {loss_value}")
@@ -410,9 +434,9 @@ def setup_data(args, world):
 
 def resume(path, nets, optimizer, scaler, config, args):
     """OUT/latest.pt into the freshly built run (checkpoint.py) -> (step to continue from, the monitor's
-    step-0 yardstick, best.pt's record (step, kNN)): the monitor and best.pt carry on where they were."""
+    step-0 yardstick, the rule's state): the monitor, best.pt and the rule carry on where they were."""
     ckpt = checkpoint.restore(path, trained_modules(nets, args.target != "shared"), optimizer, scaler, config)
-    return ckpt["step"], ckpt.get("monitor_reference"), (ckpt.get("best_step", 0), ckpt.get("best_knn", -1.0))
+    return ckpt["step"], ckpt.get("monitor_reference"), {k: ckpt.get(k, v) for k, v in RULE_START.items()}
 
 
 def trained_modules(nets, with_target=True):
@@ -449,8 +473,10 @@ def end_processes(nets, ddp):
 
 # loss_*: each term of the loss unweighted (its weight is the flag of the same name), so a reader sees which
 # one drives training; token_share: how alike one image's target tokens are (1: all the same token)
+# weight_*: the regulariser weights in force (--lower-reg lowers them)
 LOG_COLUMNS = ["step", "epoch", "loss", "lr", "wd", "momentum", "img_per_s", "std_mean", "std_min", "eff_rank",
-               "sigreg", "knn_top1", "token_share", "loss_pred", "loss_sigreg", "loss_vicreg", "loss_inv", "loss_rgb"]
+               "sigreg", "knn_top1", "token_share", "loss_pred", "loss_sigreg", "loss_vicreg", "loss_inv", "loss_rgb",
+               "weight_vicreg", "weight_sigreg"]
 
 
 def monitor(feats, row, reference, device, log, csv_file, args):
@@ -458,7 +484,7 @@ def monitor(feats, row, reference, device, log, csv_file, args):
     the warning -> (stats, the step-0 yardstick, whether it warned). row: LOG_COLUMNS up to img_per_s, total,
     step_s (seconds a step, or None while timing) and knn_top1 when it was measured."""
     pooled = feats.mean(dim=1)  # (B, D)
-    stats = {**collapse_stats(pooled), "token_share": token_share(feats)}
+    stats = {**collapse_stats(pooled), "token_share": token_share(feats), "loss_pred": row.get("loss_pred")}
     # a label-free collapse signal: SIGReg of the pooled target features along fixed directions
     stats["sigreg"] = sigreg(pooled, generator=torch.Generator().manual_seed(args.seed)).item()
     reference, knn, step_s = reference or stats, row.get("knn_top1"), row["step_s"]
@@ -480,6 +506,35 @@ def monitor(feats, row, reference, device, log, csv_file, args):
         if args.stop_on_collapse:
             raise SystemExit(f"error: stopped on collapse at step {row['step']} (--stop-on-collapse)")
     return stats, reference, warned
+
+
+# The rule's state, saved in every checkpoint: best.pt's record, evaluations since kNN last gained, the weight scale
+RULE_START = dict(best_step=0, best_knn=-1.0, stale_evals=0, reg_scale=1.0)
+
+
+def act_on_monitor(rule, step, knn, pred_ratio, args):
+    """The seed's fourth rule, "adjust loss weights or stop when collapse is detected", at one kNN evaluation ->
+    (log lines saying what it did and why, whether to stop); `rule` (RULE_START's keys) is updated in place.
+    Lower (C-JEPA's advice): kNN fell --lower-reg-drop points below its best while the prediction loss is very
+    low (pred_ratio: the loss over its step-1 value); the VICReg and SIGReg weights are multiplied by
+    --lower-reg, again at each evaluation while that lasts. Stop: kNN has not beaten its best by a margin
+    for --early-stop evaluations in a row. Rank 0 decides (kNN is measured there); the loop shares it."""
+    said, best = [], rule["best_knn"]
+    if args.lower_reg and knn <= best - args.lower_reg_drop and pred_ratio < args.lower_reg_loss:
+        rule["reg_scale"] *= args.lower_reg
+        said.append(f"rule: kNN {knn:.1f}% is {best - knn:.1f} points below its best {best:.1f}% (step "
+                    f"{rule['best_step']}) while the prediction loss is {pred_ratio:.2f} of its step-1 value: "
+                    f"--vicreg {args.vicreg * rule['reg_scale']:.3g}, --sigreg {args.sigreg * rule['reg_scale']:.3g} "
+                    f"from step {step + 1} (--lower-reg {args.lower_reg})")
+    rule["stale_evals"] = 0 if knn > best + args.early_stop_margin else rule["stale_evals"] + 1
+    if knn > best:
+        rule["best_step"], rule["best_knn"] = step, knn
+    stop = bool(args.early_stop) and rule["stale_evals"] >= args.early_stop
+    if stop:
+        said.append(f"rule: kNN has not beaten {rule['best_knn']:.1f}% by {args.early_stop_margin} points for "
+                    f"{args.early_stop} evaluations: stopping early at step {step} (--early-stop); best.pt holds step "
+                    f"{rule['best_step']}")
+    return said, stop
 
 
 def final_knn(evaluated, which, config, bank_set, query_set, args, device, dtype, log):
@@ -507,9 +562,9 @@ def main(argv=None):
     train_set, bank_set, query_set, steps_per_epoch, total, warmup = setup_data(args, world)
     nets, optimizer, config = build(args, device)
     ckpt_path, log_path = checkpoint.claim_run(args.out, args), os.path.join(args.out, "log.csv")
-    start, reference, best = 0, None, (0, -1.0)  # best: (step, kNN) of OUT/best.pt
+    start, reference, rule = 0, None, dict(RULE_START)  # rule: best.pt's (step, kNN) and act_on_monitor's state
     if args.resume:
-        start, reference, best = resume(ckpt_path, nets, optimizer, scaler, config, args)
+        start, reference, rule = resume(ckpt_path, nets, optimizer, scaler, config, args)
         log(f"resumed from {ckpt_path} at step {start}")
     wrap(nets, args, device, ddp)
     loader = torch.utils.data.DataLoader(
@@ -540,7 +595,7 @@ def main(argv=None):
             view = data.random_view(imgs, torch.rand(B * world, 9, generator=gen)[rows].to(device), args.view_size)
         try:
             loss_value, feats, terms = train_step(nets, optimizer, scaler, autocast, imgs, masks_ctx, masks_tgt, m,
-                                                  args, view, step)
+                                                  args, view, step, rule["reg_scale"])
         except FloatingPointError as e:
             raise SystemExit(f"error: {e} at step {step}; {ckpt_path} still holds the last good state") from None
 
@@ -553,16 +608,27 @@ def main(argv=None):
             step_s = timed_s / timed_steps if timed_steps else None
             row = dict(step=done, total=total, epoch=step // steps_per_epoch, loss=loss_value, lr=lr, wd=wd,
                        momentum=m, img_per_s=B * world / step_s if step_s else float("nan"), step_s=step_s,
-                       **({"knn_top1": knn[0]} if knn else {}), **{f"loss_{k}": v.item() for k, v in terms.items()})
+                       **({"knn_top1": knn[0]} if knn else {}), **{f"loss_{k}": v.item() for k, v in terms.items()},
+                       weight_vicreg=args.vicreg * rule["reg_scale"], weight_sigreg=args.sigreg * rule["reg_scale"])
             stats, reference, warned = monitor(feats, row, reference, device, log, csv_file, args)
             warnings += warned
-        stop = checkpoint.stop_requested(asked, device)
-        new_best = bool(knn) and knn[0] > best[1]  # "monitor kNN, stop early", kept: best.pt holds the peak
-        best = (done, knn[0]) if new_best else best
-        if master and (done % args.save_every == 0 or done == total or stop or new_best):
+        stop, early = checkpoint.stop_requested(asked, device), False
+        new_best = bool(knn) and knn[0] > rule["best_knn"]  # best.pt holds the kNN peak
+        if knn:  # rank 0: best.pt's record, and the rule's actions where asked
+            pred_ratio = terms["pred"].item() / (reference.get("loss_pred") or math.nan)  # nan: unknown, never low
+            said, early = act_on_monitor(rule, done, knn[0], pred_ratio, args)
+            for line in said:
+                log(line, flush=True)
+        if knn_due and ddp:  # kNN is measured on rank 0: every rank takes its decisions
+            shared = torch.tensor([rule["reg_scale"], float(early)], dtype=torch.float64, device=device)
+            dist.broadcast(shared, 0)
+            rule["reg_scale"], early = shared[0].item(), bool(shared[1].item())
+        if master and (done % args.save_every == 0 or done == total or stop or new_best or early):
             checkpoint.save_run(args.out, checkpoint.checkpoint_state(
                 trained_modules(nets), optimizer, scaler, done, config=config, epoch=done // steps_per_epoch,
-                args=vars(args), monitor_reference=reference, best_step=best[0], best_knn=best[1]), new_best)
+                args=vars(args), monitor_reference=reference, **rule), new_best)
+        if early:
+            break
         if stop:
             log(f"stopped by a signal after step {done}/{total}: {ckpt_path} holds it; the same command with "
                 f"--auto-resume (or --resume) continues exactly", flush=True)
@@ -577,8 +643,9 @@ def main(argv=None):
     summary = dict(steps=step + 1 - start if total > start else 0, loss=loss_value,
                    img_per_s=B * world * timed_steps / max(timed_s, 1e-9), **{k: stats.get(k, math.nan) for k in
                    ("std_mean", "eff_rank", "sigreg")}, peak_mem_mb=peak_mem_mb(device), collapse_warnings=warnings,
-                   train_s=time.perf_counter() - t_start, **(dict(best_step=best[0], best_knn=best[1])
-                                                             if args.knn_every else {}))
+                   train_s=time.perf_counter() - t_start, **(dict(best_step=rule["best_step"], best_knn=rule[
+                       "best_knn"]) if args.knn_every else {}), **(dict(stopped_early_at=done, steps_saved=total - done)
+                                                                   if early else {}))
     if bank_set is not None and master:
         summary.update(final_knn(probed, which, config, bank_set, query_set, args, device, dtype, log))
     log("summary: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
