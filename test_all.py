@@ -791,6 +791,23 @@ def test_linear_probe_chooses_its_strength_by_the_best_holdout_score():
     assert eval_knn.linear_probe(x, y, xv, yv)[1] == eval_knn.STRENGTHS[best]
 
 
+def test_linear_probe_standardises_with_the_training_rows_statistics():
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(200, 4, generator=g), torch.randint(0, 2, (200,), generator=g)
+    x[:, 0] += 2.0 * y
+    xv, yv = torch.randn(100, 4, generator=g), torch.randint(0, 2, (100,), generator=g)
+    xv[:, 0] += 2.0 * yv
+    xv[:, 1:] *= 30  # the validation rows' noise grows: a probe fitted with training statistics is misled by it
+    top1, l2 = eval_knn.linear_probe(x, y, xv, yv)
+
+    def by_hand(mean, std):  # the chosen strength refit on every training row, then scored on the validation rows
+        W, b = eval_knn.fit_logistic(((x - mean) / std).double(), y, l2, 2)
+        return 100.0 * ((((xv - mean) / std).double() @ W + b).argmax(1) == yv).double().mean().item()
+
+    assert top1 == by_hand(x.mean(0), x.std(0) + 1e-6)
+    assert top1 < by_hand(xv.mean(0), xv.std(0) + 1e-6) - 10  # the validation rows' own statistics would hide it
+
+
 def test_linear_probe_and_knn_refuse_non_finite_features():
     x, y = torch.randn(20, 4), torch.arange(20) % 2
     bad = x.clone()
@@ -1061,6 +1078,13 @@ def test_collapse_alarm_fires_on_one_direction_even_from_a_low_start():
     assert collapse_suspected({"std_mean": 0.018, "eff_rank": 1.34}, start)  # --ema 0 0: one direction
     assert collapse_suspected({"std_mean": 0.0005, "eff_rank": 2.5}, start)  # the std alone fell 250x
     assert not collapse_suspected({"std_mean": 0.3, "eff_rank": 1.6}, {"std_mean": 0.3, "eff_rank": 2.0})
+
+
+def test_collapse_alarm_fires_when_the_std_falls_tenfold_and_not_before():
+    from losses import collapse_suspected
+    start = {"std_mean": 0.2, "eff_rank": 8.0}
+    assert collapse_suspected({"std_mean": 0.019, "eff_rank": 8.0}, start)  # a tenth of the start, less a little
+    assert not collapse_suspected({"std_mean": 0.021, "eff_rank": 8.0}, start)  # a tenth, plus a little
 
 
 def test_collapse_alarm_flags_a_rank_two_batch_in_absolute_terms():
@@ -1356,6 +1380,21 @@ def _sigreg_rank(rank, path, z):
     value.backward()
     torch.save((value.detach(), mine.grad), f"{path}/value{rank}.pt")
     dist.destroy_process_group()
+
+
+def test_sigreg_directions_are_drawn_anew_at_every_step():
+    args = train.get_args(["--data", "demo", "--sigreg", "0.5", "--batch-size", "8", *TINY])
+    torch.manual_seed(0)
+    nets = train.build(args, torch.device("cpu"))[0]
+    imgs = torch.randn(8, 3, 32, 32)
+    masks_ctx, masks_tgt = sample_masks(8, (4, 4), generator=torch.Generator().manual_seed(0), **train.mask_settings(args))
+    with torch.no_grad():
+        pooled = nets.encoder(imgs, masks_ctx).mean(dim=1)
+        terms = [train.ijepa_loss(nets, imgs, masks_ctx, masks_tgt, args, step=s)[2]["sigreg"] for s in (5, 6)]
+    for step, term in zip((5, 6), terms):  # each step's own directions, seeded by (seed, step)
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step + 7)
+        torch.testing.assert_close(term, losses.sigreg(pooled, generator=gen))
+    assert not torch.equal(terms[0], terms[1])  # the same directions every step would test only those
 
 
 def test_sigreg_same_on_one_process_and_two_ddp_processes(tmp_path):
