@@ -801,10 +801,32 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     data = make_folder(str(tmp_path / "data"))
     r = run_train("--data", data, "--steps", "10", "--batch-size", "4", "--save-every", "1", "--warmup", "0",
                   "--lr", "1e30", "--start-lr", "1e30", "--out", str(tmp_path / "o"), *TINY)
-    assert r.returncode != 0 and "at step" in r.stderr, r.stderr
+    assert r.returncode != 0 and "non-finite loss in steps" in r.stderr, r.stderr
     ckpt = load(tmp_path / "o" / "latest.pt")
     assert all(torch.isfinite(v).all() for part in ("encoder", "predictor", "target_encoder")
                for v in ckpt[part].values() if v.is_floating_point())
+
+
+def test_non_finite_step_never_reaches_the_weights(tmp_path, monkeypatch):
+    loss_fn, step_fn, unchanged = train.ijepa_loss, train.train_step, []
+
+    def nan_at_step_2(nets, imgs, masks_ctx, masks_tgt, args, view=None, step=0, reg_scale=1.0):
+        loss, feats, terms = loss_fn(nets, imgs, masks_ctx, masks_tgt, args, view, step, reg_scale)
+        return (loss * math.nan if step == 2 else loss), feats, terms
+
+    def step_and_compare(nets, optimizer, *rest, **kw):  # the trained weights and AdamW's state, before and after
+        trained = lambda: [t.clone() for t in [*nets.online.parameters(), *nets.raw_predictor.parameters(),  # noqa
+                                               *(v for s in optimizer.state.values() for v in s.values())]]
+        before, out = trained(), step_fn(nets, optimizer, *rest, **kw)
+        unchanged.append(all(torch.equal(a, b) for a, b in zip(before, trained())))
+        return out
+
+    monkeypatch.setattr(train, "ijepa_loss", nan_at_step_2)
+    monkeypatch.setattr(train, "train_step", step_and_compare)
+    with pytest.raises(SystemExit, match="non-finite loss in steps 2-4"):  # found at the next log line, not saved
+        train.main(["--data", make_folder(str(tmp_path / "data")), "--steps", "8", "--batch-size", "4", *TINY,
+                    "--log-every", "4", "--out", str(tmp_path / "o")])
+    assert unchanged == [False, False, True, False]
 
 
 # -------------------------------------------------------------------------------------------- eval_knn

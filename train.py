@@ -311,20 +311,25 @@ def ijepa_loss(nets, imgs, masks_ctx, masks_tgt, args, view=None, step=0, reg_sc
 def train_step(nets, optimizer, scaler, autocast, imgs, masks_ctx, masks_tgt, momentum, args, view=None, step=0,
                reg_scale=1.0):
     """One step: the loss, backward into context encoder and predictor, AdamW, then the EMA of the
-    target. Returns (loss, target features (B, N, D) for the monitor, the loss terms as tensors).
-    bench.py times this function."""
+    target. Returns (loss, target features (B, N, D) for the monitor, the loss terms, 1.0 if the step was
+    skipped for a non-finite loss, else 0.0), all tensors: nothing here waits for a GPU. bench.py times it."""
     with autocast:
         loss, feats, terms = ijepa_loss(nets, imgs, masks_ctx, masks_tgt, args, view, step, reg_scale)
-    loss_value = loss.item()  # a sync point, but it stops a bad step before it reaches the weights
-    if not math.isfinite(loss_value):
-        raise FloatingPointError(f"loss is {loss_value}")
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    # A non-finite loss never reaches the weights, checked on the device, not by the host waiting for the loss
+    # every step: fused AdamW skips its whole update where found_inf is set (float16's GradScaler sets it itself)
+    skipped = (~torch.isfinite(loss.detach())).float()
+    if dist.is_available() and dist.is_initialized():  # one rank's bad loss spoils the shared gradients: all skip
+        dist.all_reduce(skipped, op=dist.ReduceOp.MAX)
+    if not scaler.is_enabled():
+        optimizer.found_inf = skipped
     scaler.step(optimizer)
     scaler.update()
+    optimizer.__dict__.pop("found_inf", None)
     if args.target == "ema":  # the target is never trained: it follows the context encoder (ema.py)
         ema_update(nets.target, nets.online, momentum)
-    return loss_value, feats.detach(), {k: v.detach() for k, v in terms.items()}
+    return loss.detach(), feats.detach(), {k: v.detach() for k, v in terms.items()}, skipped
 
 
 def model_config(args):
@@ -543,6 +548,15 @@ def act_on_monitor(rule, step, knn, pred_ratio, args):
     return said, stop
 
 
+def stop_if_skipped(skipped, checked, done, ckpt_path):
+    """Where the loop waits for the device anyway, it reads the count of steps skipped for a non-finite loss: any
+    ends the run there, before anything is saved -> `done`, the step checked up to."""
+    if skipped.item():
+        raise SystemExit(f"error: non-finite loss in steps {checked + 1}-{done} ({skipped.item():.0f} of them, their "
+                         f"updates skipped); {ckpt_path} still holds the last good state")
+    return done
+
+
 def final_knn(evaluated, which, config, bank_set, query_set, args, device, dtype, log):
     """The end of a run: kNN of the trained encoder against a random-init encoder of the same shape."""
     torch.manual_seed(args.seed + 1)
@@ -584,6 +598,7 @@ def main(argv=None):
     # the loop: schedules, masks, one step, then the monitor, kNN, log and checkpoint
     csv_file = checkpoint.open_log(log_path, LOG_COLUMNS, start if args.resume else None) if master else None
     loss_value, stats, timed_steps, timed_s, warnings, stop = float("nan"), {}, 0, 0.0, 0, False
+    skipped, checked = torch.zeros((), device=device), start  # steps skipped for a non-finite loss since `checked`
     t_last, step, t_start = time.perf_counter(), start, time.perf_counter()
     asked, previous_handlers = checkpoint.catch_stop_signals()
     # kNN reads the target encoder, as the paper; a frozen target learns nothing, so there it reads the student
@@ -599,11 +614,9 @@ def main(argv=None):
         view = None
         if args.invariance > 0:  # 9 draws per image (5 used): the layout of earlier runs, which reproduce exactly
             view = data.random_view(imgs, torch.rand(B * world, 9, generator=gen)[rows].to(device), args.view_size)
-        try:
-            loss_value, feats, terms = train_step(nets, optimizer, scaler, autocast, imgs, masks_ctx, masks_tgt, m,
-                                                  args, view, step, rule["reg_scale"])
-        except FloatingPointError as e:
-            raise SystemExit(f"error: {e} at step {step}; {ckpt_path} still holds the last good state") from None
+        loss, feats, terms, bad = train_step(nets, optimizer, scaler, autocast, imgs, masks_ctx, masks_tgt, m, args,
+                                             view, step, rule["reg_scale"])
+        skipped += bad  # on the device: read only where the loop waits anyway (log lines, saves)
 
         done = step + 1
         if step - start >= 3:  # steady-state throughput: the first steps pay for warm-up and allocation
@@ -611,6 +624,7 @@ def main(argv=None):
         knn_due = bool(args.knn_every) and done % args.knn_every == 0  # the same on every rank
         knn = knn_evaluate(probed, bank_set, query_set, device, dtype, args.workers) if knn_due and master else None
         if done % args.log_every == 0 or done == total or step == 0 or knn_due:  # step 0: the monitor's yardstick
+            checked, loss_value = stop_if_skipped(skipped, checked, done, ckpt_path), loss.item()
             step_s = timed_s / timed_steps if timed_steps else None
             row = dict(step=done, total=total, epoch=step // steps_per_epoch, loss=loss_value, lr=lr, wd=wd,
                        momentum=m, img_per_s=B * world / step_s if step_s else float("nan"), step_s=step_s,
@@ -630,6 +644,7 @@ def main(argv=None):
             dist.broadcast(shared, 0)
             rule["reg_scale"], early = shared[0].item(), bool(shared[1].item())
         if master and (done % args.save_every == 0 or done == total or stop or new_best or early):
+            checked = stop_if_skipped(skipped, checked, done, ckpt_path)
             checkpoint.save_run(args.out, checkpoint.checkpoint_state(
                 trained_modules(nets), optimizer, scaler, done, config=config, epoch=done // steps_per_epoch,
                 args=vars(args), monitor_reference=reference, **rule), new_best)
