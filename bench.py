@@ -9,10 +9,13 @@ Takes train.py's own flags (the preset in force included) and times, after warm-
 predictor, loss, backward, AdamW, EMA), on random images with the run's masks; sample_masks for the
 batch; and decode + random-resized-crop + collate of generated 500x375 JPEGs in one process. FLOPs
 come from torch.utils.flop_counter (averaged over batches: context lengths vary); the peak is a dense
-matmul of the same dtype measured in the same run, so MFU = achieved / measured peak.
+matmul of the same dtype measured in the same run, so MFU = achieved / measured peak. `--profile` adds where
+the step's time goes (torch.profiler): by kind of GPU kernel on a GPU (operators' own time on a CPU), the
+kernels launched, and the GPU's idle share of the step, time it waited for the host.
 """
 import argparse
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -20,6 +23,8 @@ import time
 import numpy as np
 import torch
 from PIL import Image
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 import data
@@ -51,10 +56,42 @@ def matmul_peak_tflops(device, dtype):
     return 2 * n**3 / median_ms(lambda: a @ b, device, repeats=10) / 1e9
 
 
-def main():
+# Kernel (GPU) or operator (CPU) names -> kinds, the first pattern that matches; attention before matmul, whose
+# patterns its kernels share
+KINDS = [("attention", r"flash|fmha|attention|softmax"), ("matmul", r"gemm|nvjet|xmma|cutlass|aten::(mm|addmm|bmm)$"),
+         ("dtype casts", r"copy|convert|cast"), ("LayerNorm", r"layer_?norm"), ("AdamW, EMA", r"adam|lerp"),
+         ("reductions", r"reduce|aten::(sum|mean|var|std|norm|max|min)$"), ("elementwise", r"elementwise|^aten::")]
+
+
+def profile_step(step, device, steps=3):
+    """Where `steps` calls of `step` spend their time, printed: kinds of kernel (KINDS), kernels a step, and on a
+    GPU the share of the step it sat idle (host gaps: launches, syncs, Python). Times are under the profiler."""
+    on_gpu = device.type == "cuda"
+    sync(device)
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    wall_ms = 1000 * (time.perf_counter() - t) / steps
+    events = [e for e in prof.key_averages() if (e.device_type == DeviceType.CUDA) == on_gpu]
+    split, launches = {}, sum(e.count for e in events) / steps
+    for e in events:
+        kind = next((k for k, pattern in KINDS if re.search(pattern, e.key, re.IGNORECASE)), "other")
+        split[kind] = split.get(kind, 0.0) + (e.self_device_time_total if on_gpu else e.self_cpu_time_total) / 1e3 / steps
+    busy = sum(split.values())
+    for kind, ms in sorted(split.items(), key=lambda kv: -kv[1]):
+        print(f"profile     {kind:12s} {ms:8.2f} ms  {ms / busy:6.1%}")
+    print(f"profile     {'all':12s} {busy:8.2f} ms in {launches:.0f} {'kernels' if on_gpu else 'operators'} a step of "
+          f"{wall_ms:.2f} ms" + (f": the GPU idle {1 - busy / wall_ms:.0%} of it" if on_gpu else ""))
+    return split, wall_ms
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0] + " Other flags are train.py's.")
     p.add_argument("--repeats", type=int, default=10, help="timed steps (the median is reported)")
-    own, rest = p.parse_known_args()
+    p.add_argument("--profile", action="store_true", help="also print where the step's time goes (torch.profiler)")
+    own, rest = p.parse_known_args(argv)
     args = train.get_args(rest)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = train.autocast_dtype(device, args.dtype)
@@ -116,6 +153,8 @@ def main():
     print(f"peak memory {mem:8.0f} MB")
     print(f"summary: img_per_s={img_s:.1f} step_ms={step_ms:.1f} gflop_per_step={gflop:.2f} tflops={tflops:.3f} "
           f"mfu={tflops / peak:.3f} peak_tflops={peak:.3f} ctx_tokens={statistics.mean(ctx_tokens):.1f}")
+    if own.profile:
+        profile_step(step, device)
 
 
 if __name__ == "__main__":

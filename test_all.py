@@ -1634,3 +1634,27 @@ def test_export_official_file_and_timm_state_dict(tmp_path):
     config = json.load(open(tmp_path / "hf" / "config.json"))
     assert (config["hidden_size"], config["num_hidden_layers"], config["patch_size"], config["image_size"]) == (
         192, 2, 8, 32)
+
+
+# ----------------------------------------------------------------------------------------------- bench
+
+def test_bench_profile_kinds_by_hand():
+    import bench
+    kind = lambda name: next((k for k, p in bench.KINDS if re.search(p, name, re.IGNORECASE)), "other")  # noqa
+    names = {"flash_fwd_kernel": "attention", "fmha_cutlassB_f32_aligned_64x64_k64_sm80": "attention",
+             "nvjet_tst_128x64_64x8_1x1_v_bz_coopA_TNN": "matmul", "sm90_xmma_gemm_bf16bf16_bf16f32": "matmul",
+             "aten::mm": "matmul", "aten::addmm": "matmul", "aten::softmax": "attention",
+             "void at::native::vectorized_elementwise_kernel<4, at::native::bfloat16_copy_kernel_cuda>": "dtype casts",
+             "aten::copy_": "dtype casts", "aten::native_layer_norm": "LayerNorm", "aten::_fused_adamw_": "AdamW, EMA",
+             "multi_tensor_apply_kernel<LerpFunctor>": "AdamW, EMA", "aten::sum": "reductions",
+             "aten::gelu": "elementwise", "MmBackward0": "other", "aten::mmx": "elementwise"}
+    assert {name: kind(name) for name in names} == names
+
+
+def test_bench_profile_split_adds_up_to_the_profiled_time(capsys):
+    import bench
+    bench.main(["--data", "demo", "--steps", "2", "--batch-size", "4", *TINY, "--repeats", "1", "--profile"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("profile")]
+    parts, whole = [float(r[-3]) for r in rows[:-1]], float(rows[-1][2])
+    assert len(parts) >= 4 and sum(parts) == pytest.approx(whole, abs=0.01 * len(parts))
+    assert sum(float(r[-1].rstrip("%")) for r in rows[:-1]) == pytest.approx(100, abs=0.1 * len(parts))
