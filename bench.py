@@ -93,6 +93,8 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true", help="also print where the step's time goes (torch.profiler)")
     own, rest = p.parse_known_args(argv)
     args = train.get_args(rest)
+    if args.deterministic:  # as train.py: its cost is one of the figures asked of bench.py
+        train.deterministic_mode()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = train.autocast_dtype(device, args.dtype)
     args.dtype = str(dtype).removeprefix("torch.")

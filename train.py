@@ -406,13 +406,19 @@ def peak_mem_mb(device):
 
 # -------------------------------------------------------------------- setting up, monitoring, the end
 
+def deterministic_mode():
+    """--deterministic, before any CUDA work (cuBLAS reads its workspace setting when it starts): kernels that add
+    in a fixed order (attention backward without split keys, cuDNN without atomics); one with none raises."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+
+
 def setup_processes(args):
     """Device, processes and precision -> (ddp, device, rank, world, log, dtype). torchrun sets RANK; a plain
     run never touches torch.distributed. Only rank 0 prints."""
     ddp = "RANK" in os.environ
-    if args.deterministic:  # before any CUDA work: cuBLAS reads its workspace setting when it starts
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)  # a kernel with no deterministic version raises, never runs
+    if args.deterministic:
+        deterministic_mode()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rank, world = 0, 1
     if ddp:
