@@ -99,20 +99,33 @@ def study_runs(folder):
     return logs
 
 
+RULES = ("-lower", "-early-stop")  # the rows that act on the monitor: a row of the study, with --lower-reg or --early-stop
 # The study's panels: a row goes to the first panel whose keywords its name holds (the small preset's rows to
-# the last); plain, the reference, is drawn in each.
+# the fifth, the rule's rows to the last); plain, the reference, is drawn in each.
 PANELS = [("the guards: stop-gradient, slow target", ("target-shared", "ema", "frozen", "salt")),
           ("SIGReg: weights, projector, with and without the guards", ("sigreg",)),
           ("VICReg, the pixel loss, loss kinds, targets", ("vicreg", "loss-", "norm-none", "rgb-aux")),
           ("masks and predictor", ("vjepa", "targets-", "context-", "pred-")),
-          ("the recipes: the small preset", ("small",))]
+          ("the recipes: the small preset", ("small",)),
+          ("acting on the monitor (thin: the same row without the rule)", RULES)]
 
 
 def panel_of(row):
     """The index in PANELS of a study row (None for plain and for a row no keyword names)."""
-    if row.startswith("small"):
+    if row.endswith(RULES):
         return len(PANELS) - 1
+    if row.startswith("small"):
+        return len(PANELS) - 2
     return next((i for i, (_, keys) in enumerate(PANELS) if any(k in row for k in keys)), None)
+
+
+def base_of(row, rows, ref="plain"):
+    """The row a study row is judged against: the same row without the rule for a rule's row (`-lower`,
+    `-early-stop`), the small preset for a departure from it, else the reference."""
+    for suffix in RULES:
+        if row.endswith(suffix) and row.removesuffix(suffix) in rows:
+            return row.removesuffix(suffix)
+    return "small" if row.startswith("small-") and "small" in rows else ref
 
 
 def mean_band(logs, key):
@@ -124,9 +137,9 @@ def mean_band(logs, key):
 
 
 def draw_study(folder, logs, path):
-    """kNN against steps in five panels of related rows, each row's mean over its seeds with the min-max band,
-    and a sixth panel with every row's effective rank (logs: study_runs(folder))."""
-    fig, axes = plt.subplots(2, 3, figsize=(15, 9.5), sharex=True)
+    """kNN against steps in six panels of related rows, each row's mean over its seeds with the min-max band,
+    and a seventh panel with every row's effective rank (logs: study_runs(folder))."""
+    fig, axes = plt.subplots(2, 4, figsize=(20, 9.5), sharex=True)
     groups = seed_groups(logs)
     summaries = glob.glob(os.path.join(folder, "*.summary"))
     random_init = read_summary(summaries[0]).get("knn_top1_random") if summaries else None
@@ -138,6 +151,9 @@ def draw_study(folder, logs, path):
             style = dict(color="black" if row == "plain" else colours[i % 10], lw=2.2 if row == "plain" else 1.3,
                          ls="--" if any(k in row for k in ("shared", "ema-0")) else "-")
             ax.plot(steps, mean, marker="o", ms=2.5, label=f"{row} ({len(groups[row])})", **style)
+            base = base_of(row, groups)
+            if p == len(PANELS) - 1 and base != "plain":  # the rule's row beside the same row without it
+                ax.plot(*mean_band([logs[run] for run in groups[base]], "knn_top1")[:2], color=style["color"], lw=0.7)
             if len(groups[row]) > 1:
                 ax.fill_between(steps, lo, hi, color=style["color"], alpha=0.15, lw=0)
         if random_init:
@@ -146,13 +162,14 @@ def draw_study(folder, logs, path):
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=7, loc="lower right")
         ax.set_ylabel("kNN top-1 (%) on val")
-    ax = axes.flat[5]
+    axes.flat[7].axis("off")
+    ax = axes.flat[6]
     for row, runs in groups.items():
         steps, mean, _, _ = mean_band([logs[run] for run in runs], "eff_rank")
         ax.plot(steps, mean, lw=2.2 if row == "plain" else 0.9, color="black" if row == "plain" else None)
     ax.set_yscale("log")
     ax.set_title("effective rank of pooled target features, every row (plain in black)", fontsize=10)
-    for ax in axes[1]:
+    for ax in axes[1][:3]:
         ax.set_xlabel("step")
     fig.suptitle("Mechanisms on and off, cifar10-mini, 4-deep ViT-Tiny/4, 3,900 steps of 64: mean over seeds "
                  "(in brackets), band = min-max; dotted: random init, dash-dot: raw pixels; dashed: no slow target",
@@ -234,7 +251,8 @@ def against(row, ref):
 def seed_table(folder, names, ref="plain"):
     """Every scored row: eval_knn.py's kNN and probe as mean (min-max) over its seeds, and where each stands
     against its base by the rule of `against`, kNN and probe judged apart. The base is the reference row, or
-    the small preset for a departure from it (`small-vicreg-0` changes one flag of `small`, not of plain)."""
+    the small preset for a departure from it (`small-vicreg-0` changes one flag of `small`, not of plain), or
+    the same row without the rule for a rule's row; a rule's row on another row is also judged against plain."""
     rows = ["| row | seeds | eval kNN, mean (min-max) | probe, mean (min-max) | base | against base: kNN / probe |",
             "| --- | --- | --- | --- | --- | --- |"]
     scores = {}
@@ -249,10 +267,12 @@ def seed_table(folder, names, ref="plain"):
             continue
         cells = [f"{sum(v) / len(v):.2f}" + (f" ({min(v):.2f}-{max(v):.2f})" if len(v) > 1 else "") if v else "-"
                  for v in (knn, probe)]
-        base = "small" if row.startswith("small-") and "small" in scores else ref
-        verdict = " / ".join(against(v, r) if v and r and row != ref else "-"
-                             for v, r in zip((knn, probe), scores.get(base, ([], []))))
-        rows.append(f"| {row} | {len(knn)} | {cells[0]} | {cells[1]} | {'-' if row == ref else base} | {verdict} |")
+        bases = [base_of(row, scores, ref)] + [ref] * (row.endswith(RULES) and base_of(row, scores, ref) not in
+                                                       (ref, "small"))
+        verdict = "; ".join(" / ".join(against(v, r) if v and r and row != ref else "-"
+                                       for v, r in zip((knn, probe), scores.get(base, ([], [])))) for base in bases)
+        rows.append(f"| {row} | {len(knn)} | {cells[0]} | {cells[1]} | {'-' if row == ref else '; '.join(bases)} | "
+                    f"{verdict} |")
     return "\n".join(rows)
 
 

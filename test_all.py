@@ -1173,18 +1173,25 @@ def test_study_seed_groups_and_table(tmp_path):
                                           "plain-sigreg-proj-0.09": ["plain-sigreg-proj-0.09",
                                                                      "plain-sigreg-proj-0.09-s1"]}
     scored = (("plain", 36.6, 50.65), ("plain-s1", 38.0, 49.0), ("plain-s2", 35.0, 51.0), ("small", 45.0, 50.0),
-              ("small-s1", 47.0, 51.0), ("small-x", 37.0, 50.5), ("small-x-s1", 38.0, 50.5))
+              ("small-s1", 47.0, 51.0), ("small-x", 37.0, 50.5), ("small-x-s1", 38.0, 50.5),
+              ("plain-y", 30.0, 40.0), ("plain-y-s1", 31.0, 41.0), ("plain-y-lower", 33.0, 40.5),
+              ("plain-y-lower-s1", 34.0, 45.0), ("small-lower", 46.0, 50.0), ("small-lower-s1", 47.0, 51.0))
     for run, knn, probe in scored:
         open(tmp_path / f"{run}.eval", "w").write(f"summary: knn_top1={knn} linear_top1={probe}\n")
-    table = figures.seed_table(str(tmp_path), names + ["small", "small-s1", "small-x", "small-x-s1"])
+    rule_rows = ["plain-y", "plain-y-s1", "plain-y-lower", "plain-y-lower-s1", "small-lower", "small-lower-s1"]
+    table = figures.seed_table(str(tmp_path), names + ["small", "small-s1", "small-x", "small-x-s1"] + rule_rows)
+    # a rule's row is judged against the same row without the rule, and against plain when that row is not plain
+    assert "| plain-y-lower | 2 | 33.50 (33.00-34.00) | 42.75 (40.50-45.00) | plain-y; plain | above / within; below / " \
+           "below |" in table
+    assert "| small-lower | 2 | 46.50 (46.00-47.00) | 50.50 (50.00-51.00) | small | within / within |" in table
     assert "| plain | 3 | 36.53 (35.00-38.00) | 50.22 (49.00-51.00) | - | - / - |" in table and "ema" not in table
     # a departure from the small preset is judged against the small preset; the preset itself against plain
     assert "| small | 2 | 46.00 (45.00-47.00) | 50.50 (50.00-51.00) | plain | above / within |" in table
     assert "| small-x | 2 | 37.50 (37.00-38.00) | 50.50 (50.50-50.50) | small | below / within |" in table
     logs = [{"step": [390, 780, 1170], "knn_top1": [30.0, 32.0, None]}, {"step": [390, 780], "knn_top1": [28.0, 36.0]}]
     assert figures.mean_band(logs, "knn_top1") == ([390, 780], [29.0, 34.0], [28.0, 32.0], [30.0, 36.0])
-    assert [figures.panel_of(n) for n in ("plain-ema-0", "plain-sigreg-shared", "plain-targets-small", "small")] == [
-        0, 1, 3, 4]
+    assert [figures.panel_of(n) for n in ("plain-ema-0", "plain-sigreg-shared", "plain-targets-small", "small",
+                                          "small-lower", "plain-early-stop")] == [0, 1, 3, 4, 5, 5]
 
 
 def test_study_salt_stage_two_follows_its_own_seeds_stage_one(tmp_path):
