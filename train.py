@@ -649,11 +649,12 @@ def main(argv=None):
             shared = torch.tensor([rule["reg_scale"], float(early)], dtype=torch.float64, device=device)
             dist.broadcast(shared, 0)
             rule["reg_scale"], early = shared[0].item(), bool(shared[1].item())
-        if master and (done % args.save_every == 0 or done == total or stop or new_best or early):
-            checked = stop_if_skipped(skipped, checked, done, ckpt_path)
-            checkpoint.save_run(args.out, checkpoint.checkpoint_state(
-                trained_modules(nets), optimizer, scaler, done, config=config, epoch=done // steps_per_epoch,
-                args=vars(args), monitor_reference=reference, **rule), new_best)
+        if done % args.save_every == 0 or done == total or stop or new_best or early:  # on every rank but new_best,
+            checked = stop_if_skipped(skipped, checked, done, ckpt_path)  # which falls on a log line, checked there
+            if master:
+                checkpoint.save_run(args.out, checkpoint.checkpoint_state(
+                    trained_modules(nets), optimizer, scaler, done, config=config, epoch=done // steps_per_epoch,
+                    args=vars(args), monitor_reference=reference, **rule), new_best)
         if early:
             break
         if stop:
