@@ -1194,6 +1194,16 @@ def test_study_seed_groups_and_table(tmp_path):
                                           "small-lower", "plain-early-stop")] == [0, 1, 3, 4, 5, 5]
 
 
+def test_study_early_stop_replay_by_hand():
+    import figures
+    steps = [1, 390, 780, 1170, 1560, 1950, 2340, 2730]
+    logs = {"peaks": {"step": steps, "knn_top1": [None, 30.0, 31.0, 31.2, 30.0, 29.0, 31.4, 20.0]},
+            "rises": {"step": steps, "knn_top1": [None, 30.0, 31.0, 32.0, 33.0, 34.0, 35.0, 36.0]}}
+    # patience 3, margin 0.5: 31.2, 30.0 and 29.0 do not beat 31.0 by 0.5; the third of them, at 1950, stops it
+    replay = figures.replay_early_stop(logs, patience=3, margin=0.5)
+    assert replay == {"peaks": (1950, 780, 31.2, 31.4), "rises": (None, 0, 36.0, 36.0)}
+
+
 def test_study_salt_stage_two_follows_its_own_seeds_stage_one(tmp_path):
     # SALT is one run in two stages: stage 2 of seed S sits after stage 1 of seed S on the step axis
     import figures
