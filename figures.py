@@ -286,7 +286,7 @@ def replay_early_stop(logs, patience=5, margin=0.5):
         rule, knn = dict(train.RULE_START), [(s, k) for s, k in zip(log["step"], log["knn_top1"]) if k is not None]
         stop = next((s for s, k in knn if train.act_on_monitor(rule, s, k, math.nan, args)[1]), None)
         kept = [k for s, k in knn if stop is None or s <= stop]
-        out[name] = (stop, log["step"][-1] - stop if stop else 0, max(kept), max(k for _, k in knn))
+        out[name] = (stop and int(stop), int(log["step"][-1] - stop) if stop else 0, max(kept), max(k for _, k in knn))
     return out
 
 
@@ -324,11 +324,13 @@ def main(argv=None):
     draw_small(args.small, os.path.join(args.out, "small.png"))
     print(study_table(args.study, study))
     print(seed_table(args.study, list(study)))
-    replay = {n: r for n, r in replay_early_stop(study).items() if not split_seed(n)[0].endswith(("salt-1", RULES))}
+    replay = {n: r for n, r in replay_early_stop(study).items() if not split_seed(n)[0].endswith(("salt-1", *RULES))}
     stopped = {n: r for n, r in replay.items() if r[1]}  # a stop at the last evaluation saves nothing
     print(f"\n--early-stop 5 replayed on {len(replay)} runs' logs: {len(stopped)} would stop, saving "
           f"{sum(r[1] for r in replay.values())} of {sum(study[n]['step'][-1] for n in replay)} steps; best kNN lost at "
           f"most {max(r[3] - r[2] for r in replay.values()):.2f} points")
+    print("| run | stops at step | steps saved | best kNN up to the stop | the whole run's best | kNN at its end |\n"
+          "| --- | --- | --- | --- | --- | --- |")
     for name, (stop, saved, kept, best) in sorted(stopped.items()):
         print(f"| {name} | {stop} | {saved} | {kept:.2f}% | {best:.2f}% | {study[name]['knn_top1'][-1]:.2f}% |")
     print(f"wrote masks.png, study.png and small.png to {args.out}")
