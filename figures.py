@@ -327,7 +327,7 @@ def main(argv=None):
     replay = {n: r for n, r in replay_early_stop(study).items() if not split_seed(n)[0].endswith(("salt-1", *RULES))}
     stopped = {n: r for n, r in replay.items() if r[1]}  # a stop at the last evaluation saves nothing
     print(f"\n--early-stop 5 replayed on {len(replay)} runs' logs: {len(stopped)} would stop, saving "
-          f"{sum(r[1] for r in replay.values())} of {sum(study[n]['step'][-1] for n in replay)} steps; best kNN lost at "
+          f"{sum(r[1] for r in replay.values())} of {sum(int(study[n]['step'][-1]) for n in replay)} steps; best kNN lost at "
           f"most {max(r[3] - r[2] for r in replay.values()):.2f} points")
     print("| run | stops at step | steps saved | best kNN up to the stop | the whole run's best | kNN at its end |\n"
           "| --- | --- | --- | --- | --- | --- |")
