@@ -207,7 +207,8 @@ def study_table(folder, logs):
                     f"{last['eff_rank']:.2f} | {missing(last['sigreg'], '.1f')} | {knn[-1][0]:.2f}% | "
                     f"{best[0]:.2f}% ({best[1]:.0f}) | {missing(ev.get('knn_top1', math.nan), '.2f', '%')} | "
                     f"{missing(ev.get('linear_top1', math.nan), '.2f', '%')} |")
-        if not row.endswith("salt-1"):  # SALT is one run: its stage 2 ends it
+        # SALT is one run: its stage 2 ends it; the rule's rows are left out, a rule that never fires repeats its row
+        if not row.endswith(("salt-1", *RULES)):
             finals[name] = (last["loss"], math.nan if frozen else last["sigreg"], knn[-1][0])
     one_scale = [n for n in finals if n.startswith("plain") and not any(
         w in n for w in ("sigreg", "vicreg", "loss-", "vjepa", "norm-none", "rgb-aux"))]
