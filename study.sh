@@ -7,6 +7,7 @@
 #   bash study.sh [DATA] [NAME ...]     # no names: every row; named rows run in the order below
 #   SEEDS="0 1 2" bash study.sh DATA NAME   # seeds: seed 0 into runs/study/NAME, seed S into runs/study/NAME-sS
 # Each run is then scored by eval_knn.py (kNN and the linear probe) into runs/study/NAME.eval.
+#   RESUME=1 bash study.sh DATA NAME       # a run cut short (machine gone, signal) continues from its latest.pt
 # Two rows at a time with a thread each beat one row on both cores (~17 min a row; LeWorldModel's ~55):
 #   OMP_NUM_THREADS=1 bash study.sh DATA A B & OMP_NUM_THREADS=1 bash study.sh DATA C D   # salt-1 before salt-2
 # Two bases: "plain" is the paper's recipe (smooth L1 on the last layer's normalised target, no extra
@@ -70,7 +71,7 @@ for row in "${rows[@]}"; do
   [[ $# -eq 0 || " $* " == *" $name "* ]] || continue
   for seed in ${SEEDS:-0}; do
     suffix=$([[ $seed == 0 ]] || echo "-s$seed"); run=$name$suffix
-    python train.py ${flags//%s/$suffix} --seed "$seed" --out runs/study/$run | grep '^summary' > runs/study/$run.summary
+    python train.py ${flags//%s/$suffix} --seed "$seed" --out runs/study/$run ${RESUME:+--auto-resume} | grep '^summary' > runs/study/$run.summary
     python eval_knn.py --ckpt runs/study/$run/latest.pt --data "$data" --which "$(
       [[ $flags == *"--target frozen"* ]] && echo context || echo target)" > runs/study/$run.eval
     echo "$run | $(cat runs/study/$run.summary)"
