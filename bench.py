@@ -78,7 +78,8 @@ def profile_step(step, device, steps=3):
     split, launches = {}, sum(e.count for e in events) / steps
     for e in events:
         kind = next((k for k, pattern in KINDS if re.search(pattern, e.key, re.IGNORECASE)), "other")
-        split[kind] = split.get(kind, 0.0) + (e.self_device_time_total if on_gpu else e.self_cpu_time_total) / 1e3 / steps
+        own_us = e.self_device_time_total if on_gpu else e.self_cpu_time_total
+        split[kind] = split.get(kind, 0.0) + own_us / 1e3 / steps
     busy = sum(split.values())
     for kind, ms in sorted(split.items(), key=lambda kv: -kv[1]):
         print(f"profile     {kind:12s} {ms:8.2f} ms  {ms / busy:6.1%}")

@@ -99,7 +99,8 @@ def study_runs(folder):
     return logs
 
 
-RULES = ("-lower", "-early-stop")  # the rows that act on the monitor: a row of the study, with --lower-reg or --early-stop
+# the rows that act on the monitor: a row of the study, with --lower-reg or --early-stop
+RULES = ("-lower", "-early-stop")
 # The study's panels: a row goes to the first panel whose keywords its name holds (the small preset's rows to
 # the fifth, the rule's rows to the last); plain, the reference, is drawn in each.
 PANELS = [("the guards: stop-gradient, slow target", ("target-shared", "ema", "frozen", "salt")),
@@ -291,6 +292,21 @@ def replay_early_stop(logs, patience=5, margin=0.5):
     return out
 
 
+def early_stop_table(logs):
+    """--early-stop 5 replayed on the study's own runs (SALT's first stages and the rule's rows left out): how many
+    would stop, the steps saved, and a row per stopped run."""
+    replay = replay_early_stop({n: log for n, log in logs.items() if not split_seed(n)[0].endswith(("salt-1", *RULES))})
+    stopped = {n: r for n, r in replay.items() if r[1]}  # a stop at the last evaluation saves nothing
+    rows = [f"\n--early-stop 5 replayed on {len(replay)} runs' logs: {len(stopped)} would stop, saving "
+            f"{sum(r[1] for r in replay.values())} of {sum(int(logs[n]['step'][-1]) for n in replay)} steps; "
+            f"best kNN lost at most {max(r[3] - r[2] for r in replay.values()):.2f} points",
+            "| run | stops at step | steps saved | best kNN up to the stop | the whole run's best | kNN at its end |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for name, (stop, saved, kept, best) in sorted(stopped.items()):
+        rows.append(f"| {name} | {stop} | {saved} | {kept:.2f}% | {best:.2f}% | {logs[name]['knn_top1'][-1]:.2f}% |")
+    return "\n".join(rows)
+
+
 def draw_small(folder, path):
     """kNN of the small preset's runs against minutes of training, with the two flat references."""
     runs = find_logs(folder)
@@ -325,15 +341,7 @@ def main(argv=None):
     draw_small(args.small, os.path.join(args.out, "small.png"))
     print(study_table(args.study, study))
     print(seed_table(args.study, list(study)))
-    replay = {n: r for n, r in replay_early_stop(study).items() if not split_seed(n)[0].endswith(("salt-1", *RULES))}
-    stopped = {n: r for n, r in replay.items() if r[1]}  # a stop at the last evaluation saves nothing
-    print(f"\n--early-stop 5 replayed on {len(replay)} runs' logs: {len(stopped)} would stop, saving "
-          f"{sum(r[1] for r in replay.values())} of {sum(int(study[n]['step'][-1]) for n in replay)} steps; best kNN lost at "
-          f"most {max(r[3] - r[2] for r in replay.values()):.2f} points")
-    print("| run | stops at step | steps saved | best kNN up to the stop | the whole run's best | kNN at its end |\n"
-          "| --- | --- | --- | --- | --- | --- |")
-    for name, (stop, saved, kept, best) in sorted(stopped.items()):
-        print(f"| {name} | {stop} | {saved} | {kept:.2f}% | {best:.2f}% | {study[name]['knn_top1'][-1]:.2f}% |")
+    print(early_stop_table(study))
     print(f"wrote masks.png, study.png and small.png to {args.out}")
 
 

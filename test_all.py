@@ -1100,7 +1100,8 @@ def test_rule_resumed_mid_way_matches_an_uninterrupted_run(tmp_path, monkeypatch
     full, again = load(tmp_path / "full" / "latest.pt"), load(tmp_path / "cut" / "latest.pt")
     assert {k: again[k] for k in train.RULE_START} == {k: full[k] for k in train.RULE_START}
     assert full["reg_scale"] == pytest.approx(0.01)
-    assert all(torch.equal(full[p][k], again[p][k]) for p in ("encoder", "predictor", "target_encoder") for k in full[p])
+    assert all(torch.equal(full[p][k], again[p][k])
+               for p in ("encoder", "predictor", "target_encoder") for k in full[p])
     assert log_rows(tmp_path / "cut" / "log.csv") == log_rows(tmp_path / "full" / "log.csv")
 
 
@@ -1181,8 +1182,8 @@ def test_study_seed_groups_and_table(tmp_path):
     rule_rows = ["plain-y", "plain-y-s1", "plain-y-lower", "plain-y-lower-s1", "small-lower", "small-lower-s1"]
     table = figures.seed_table(str(tmp_path), names + ["small", "small-s1", "small-x", "small-x-s1"] + rule_rows)
     # a rule's row is judged against the same row without the rule, and against plain when that row is not plain
-    assert "| plain-y-lower | 2 | 33.50 (33.00-34.00) | 42.75 (40.50-45.00) | plain-y; plain | above / within; below / " \
-           "below |" in table
+    assert ("| plain-y-lower | 2 | 33.50 (33.00-34.00) | 42.75 (40.50-45.00) | plain-y; plain | "
+            "above / within; below / below |") in table
     assert "| small-lower | 2 | 46.50 (46.00-47.00) | 50.50 (50.00-51.00) | small | within / within |" in table
     assert "| plain | 3 | 36.53 (35.00-38.00) | 50.22 (49.00-51.00) | - | - / - |" in table and "ema" not in table
     # a departure from the small preset is judged against the small preset; the preset itself against plain
@@ -1530,7 +1531,8 @@ def test_sigreg_directions_are_drawn_anew_at_every_step():
     torch.manual_seed(0)
     nets = train.build(args, torch.device("cpu"))[0]
     imgs = torch.randn(8, 3, 32, 32)
-    masks_ctx, masks_tgt = sample_masks(8, (4, 4), generator=torch.Generator().manual_seed(0), **train.mask_settings(args))
+    masks_ctx, masks_tgt = sample_masks(8, (4, 4), generator=torch.Generator().manual_seed(0),
+                                        **train.mask_settings(args))
     with torch.no_grad():
         pooled = nets.encoder(imgs, masks_ctx).mean(dim=1)
         terms = [train.ijepa_loss(nets, imgs, masks_ctx, masks_tgt, args, step=s)[2]["sigreg"] for s in (5, 6)]
