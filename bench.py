@@ -27,7 +27,9 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
+import config
 import data
+import machine
 import train
 from masks import sample_masks
 
@@ -93,11 +95,11 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=10, help="timed steps (the median is reported)")
     p.add_argument("--profile", action="store_true", help="also print where the step's time goes (torch.profiler)")
     own, rest = p.parse_known_args(argv)
-    args = train.get_args(rest)
+    args = config.get_args(rest)
     if args.deterministic:  # as train.py: its cost is one of the figures asked of bench.py
-        train.deterministic_mode()
+        machine.deterministic_mode()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = train.autocast_dtype(device, args.dtype)
+    dtype = machine.autocast_dtype(device, args.dtype)
     args.dtype = str(dtype).removeprefix("torch.")
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -105,7 +107,7 @@ def main(argv=None):
     nets, optimizer, _ = train.build(args, device)
     train.wrap(nets, args, device, ddp=False)  # torch.compile with --compile, as train.py
     grid, B = args.img_size // args.patch_size, args.batch_size
-    mask_kw = train.mask_settings(args)
+    mask_kw = config.mask_settings(args)
     imgs = torch.randn(B, 3, args.img_size, args.img_size, device=device)
     mask_gen, ctx_tokens = torch.Generator().manual_seed(0), []
 
@@ -115,7 +117,9 @@ def main(argv=None):
         view = None
         if args.invariance > 0:
             view = data.random_view(imgs, torch.rand(B, 5, generator=mask_gen).to(device), args.view_size)
-        return train.train_step(nets, optimizer, scaler, autocast, imgs, masks_ctx, masks_tgt, 0.996, args, view)
+        return train.train_step(nets, optimizer, scaler, autocast, imgs, masks_ctx, masks_tgt,
+                                0.996 if args.target == "ema" else None, view=view,
+                                sigreg_generator=torch.Generator().manual_seed(0), **config.loss_settings(args))
 
     flops = []
     for _ in range(3):
@@ -130,7 +134,7 @@ def main(argv=None):
     mask_ms = median_ms(lambda: sample_masks(B, (grid, grid), generator=mask_gen, **mask_kw), torch.device("cpu"), 20)
     peak = matmul_peak_tflops(device, dtype)
     tflops = gflop / step_ms
-    mem = train.peak_mem_mb(device)
+    mem = machine.peak_mem_mb(device)
 
     with tempfile.TemporaryDirectory() as root:  # the data pipeline, one worker's throughput
         rng = np.random.default_rng(0)

@@ -41,11 +41,17 @@ def claim_run(out, args):
     if args.auto_resume:
         args.resume = exists
     elif exists and not args.resume:
-        step = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("step")
+        step = peek(path).get("step")
         raise SystemExit(f"error: {path} already holds a run at step {step}: add --resume (or --auto-resume) to "
                          "continue it, or give another --out")
     os.makedirs(out, exist_ok=True)
     return path
+
+
+def peek(path):
+    """The checkpoint at `path` without reading its weights (mapped, not loaded): its step, args and other small
+    entries, {} if there is none."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True) if os.path.isfile(path) else {}
 
 
 def load_checkpoint(path):
@@ -79,24 +85,38 @@ def restore(path, modules, optimizer, scaler=None, config=None):
 
 
 def trim_log(path, step):
-    """Keep log.csv's header and its rows up to `step`: the rows after the checkpoint are redone, so the log
-    ends as an uninterrupted run's would. Rewritten atomically, like the checkpoint -> whether there was one."""
+    """Keep log.csv up to its row of `step` (its "# ..." lines and header included): the rows after the checkpoint
+    are redone, so the log ends as an uninterrupted run's would. Rewritten atomically, like the checkpoint ->
+    whether there was one."""
     if not os.path.isfile(path):
         return False
     with open(path, newline="") as f:
-        rows = list(csv.reader(f))
+        lines = f.read().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        r = next(csv.reader([line]), [])
+        if r and r[0].isdigit() and not int(r[0]) <= step:
+            break  # the first row past the checkpoint: it and all after it are redone
+        kept.append(line)
     with open(path + ".tmp", "w", newline="") as f:
-        csv.writer(f).writerows(rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step])
+        f.writelines(kept)
     os.replace(path + ".tmp", path)
     return True
 
 
-def open_log(path, header, resumed_at=None):
+def open_log(path, header, resumed_at=None, note=None):
     """log.csv, open for appending rows: a resumed run's is first trimmed to `resumed_at` (the checkpoint's
-    step), a new run's is started with `header` -> the open file."""
+    step), a new run's is started with `header` -> the open file. `note` (what the run runs on, say) becomes a
+    "# ..." line: the first of a new log, or after the trimmed rows of a resumed one (readers skip such lines:
+    pandas.read_csv(path, comment="#"))."""
     if resumed_at is not None and trim_log(path, resumed_at):
-        return open(path, "a", newline="")
+        f = open(path, "a", newline="")
+        if note:
+            f.write(f"# resumed at step {resumed_at}: {note}\n")
+        return f
     f = open(path, "w", newline="")
+    if note:
+        f.write(f"# {note}\n")
     csv.writer(f).writerow(header)
     return f
 

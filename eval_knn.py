@@ -17,7 +17,6 @@ import torch.nn.functional as F
 
 import models
 from checkpoint import load_checkpoint  # weights_only: a checkpoint never runs code
-from data import CenterCrop, ImageFolder, make_datasets
 
 
 # ------------------------------------------------------------------------------------ checkpoints
@@ -97,12 +96,24 @@ def knn_classify(bank, bank_labels, queries, query_labels, k=20, temperature=0.0
     return 100.0 * top1 / len(queries), 100.0 * top5 / len(queries)
 
 
-def knn_evaluate(encoder, bank_set, query_set, device, dtype=torch.float32, workers=0, k=20, temperature=0.07):
-    """The function train.py calls: features of both data sets, then weighted kNN -> (top1, top5)."""
+def knn_evaluate(encoder, bank_set, query_set, device, dtype=torch.float32, workers=0, k=20, temperature=0.07,
+                 probe=False):
+    """The function train.py calls: features of both data sets, then weighted kNN -> (top1, top5), and with probe
+    the linear probe's top-1 on the same features third (train.py --probe)."""
     (bank, bank_labels), (queries, query_labels) = (
         extract_features(encoder, torch.utils.data.DataLoader(s, batch_size=256, num_workers=workers), device, dtype)
         for s in (bank_set, query_set))
-    return knn_classify(bank, bank_labels, queries, query_labels, k, temperature)
+    knn = knn_classify(bank, bank_labels, queries, query_labels, k, temperature)
+    return (*knn, linear_probe(bank, bank_labels, queries, query_labels)[0]) if probe else knn
+
+
+def knn_against_random_init(encoder, config, bank_set, query_set, device, dtype=torch.float32, workers=0, seed=0):
+    """The end of a training run (train.py): kNN top-1 of the trained encoder and of a random-init one of the same
+    shape (`config`, seeded by `seed`), which every accuracy should stand beside -> (trained, random)."""
+    torch.manual_seed(seed)
+    trained = knn_evaluate(encoder, bank_set, query_set, device, dtype, workers)[0]  # the random init draws after
+    return trained, knn_evaluate(models.VisionTransformer(**config).to(device), bank_set, query_set, device, dtype,
+                                 workers)[0]
 
 
 # --------------------------------------------------------------------------------------- linear probe
@@ -172,6 +183,8 @@ def evaluate(encoder, loaders, device, args):
 
 
 def main(argv=None):
+    from data import CenterCrop, ImageFolder, make_datasets  # the CLI's images only: kNN and the probe need torch alone
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", help="our latest.pt, or an official .pth.tar")
     p.add_argument("--data", required=True, help="'demo', or ROOT with train/ (bank, probe fit) and val/ (scored)")

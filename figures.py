@@ -25,6 +25,7 @@ from PIL import Image  # noqa: E402
 
 from data import MEAN, STD, DemoTextures, to_tensor  # noqa: E402
 from masks import sample_masks  # noqa: E402
+from monitor import Monitor  # noqa: E402  (the rule itself, not a copy of it)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # References for small.png, measured on the same validation images (RESULTS.md gives the commands):
@@ -41,9 +42,9 @@ def find_logs(folder):
 
 
 def read_log(path):
-    """OUT/log.csv -> {column: [floats]} (an empty kNN cell is None)."""
+    """OUT/log.csv -> {column: [floats]} (an empty kNN cell is None); the "# ..." lines (the machine) are skipped."""
     with open(path) as f:
-        rows = list(csv.DictReader(f))
+        rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
     return {k: [float(r[k]) if r[k] else None for r in rows] for k in rows[0]}
 
 
@@ -54,7 +55,40 @@ def read_summary(path):
         return {}
     with open(path) as f:
         found = [line for line in f if line.startswith("summary:")]
-    return {k: float(v) for k, v in (kv.split("=") for kv in found[-1].split()[1:])} if found else {}
+    pairs = [kv.split("=", 1) for kv in found[-1].split()[1:]] if found else []
+    return {k: float(v) for k, v in pairs if number(v)}  # the machine's words (torch=2.13.0+cpu ...) left out
+
+
+def number(text):
+    """Whether text reads as a float."""
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+# A re-run's columns that may differ from the committed log's: the speed of the machine it ran on, and the
+# effective rank by up to this much (LAPACK's SVD rounds differently on another CPU kind: ~1e-7 measured)
+REPLAY_SKIP, REPLAY_TOLERANCE = ("img_per_s",), {"eff_rank": 1e-6}
+
+
+def compare_logs(rerun, committed, upto=None):
+    """A re-run's OUT/log.csv against a committed one, at every step the committed log has (up to `upto`), in every
+    column it has but REPLAY_SKIP: equal as written (a float's shortest repr), eff_rank within its tolerance
+    -> (rows compared, columns compared, the differences [(step, column, committed, re-run)])."""
+    old, new = ({int(r["step"]): r for r in csv.DictReader(line for line in open(path) if not line.startswith("#"))}
+                for path in (committed, rerun))
+    steps = [s for s in old if upto is None or s <= upto]
+    columns = [c for c in next(iter(old.values())) if c not in REPLAY_SKIP]
+    differ = []
+    for s in steps:
+        for c in columns:
+            a, b = old[s][c], new.get(s, {}).get(c, "(missing)")
+            close = c in REPLAY_TOLERANCE and a and number(b) and abs(float(a) - float(b)) <= REPLAY_TOLERANCE[c]
+            if a != b and not close:
+                differ.append((s, c, a, b))
+    return len(steps), len(columns), differ
 
 
 def draw_masks(path, image=None, seed=3):
@@ -281,12 +315,15 @@ def seed_table(folder, names, ref="plain"):
 def replay_early_stop(logs, patience=5, margin=0.5):
     """--early-stop replayed on logged runs, exactly: stopping only cuts a run short, so a run's kNN up to its stop
     is its log's. -> {run: (stop step or None, steps saved, best kNN up to the stop, best kNN of the whole run)}."""
-    import train  # the rule itself, not a copy of it
-    args = argparse.Namespace(early_stop=patience, early_stop_margin=margin, lower_reg=0.0)
     out = {}
     for name, log in logs.items():
-        rule, knn = dict(train.RULE_START), [(s, k) for s, k in zip(log["step"], log["knn_top1"]) if k is not None]
-        stop = next((s for s, k in knn if train.act_on_monitor(rule, s, k, math.nan, args)[1]), None)
+        rule, knn, stop = Monitor(early_stop=patience, early_stop_margin=margin), [
+            (s, k) for s, k in zip(log["step"], log["knn_top1"]) if k is not None], None
+        for s, k in knn:
+            rule.act(s, k)
+            if rule.early:
+                stop = s
+                break
         kept = [k for s, k in knn if stop is None or s <= stop]
         out[name] = (stop and int(stop), int(log["step"][-1] - stop) if stop else 0, max(kept), max(k for _, k in knn))
     return out
@@ -333,7 +370,17 @@ def main(argv=None):
                    help="folder of small-preset runs made with --knn-every")
     p.add_argument("--image", help="the image under the masks (default: a demo texture)")
     p.add_argument("--out", default=os.path.join(HERE, "figures"), help="where the PNGs go")
+    p.add_argument("--compare", nargs=2, metavar=("RERUN", "COMMITTED"),
+                   help="instead of drawing: compare a re-run's log.csv with a committed one (study.sh REPLAY=STEP)")
+    p.add_argument("--upto", type=int, help="with --compare: the last step compared (a re-run cut short there)")
     args = p.parse_args(argv)
+    if args.compare:
+        rows, columns, differ = compare_logs(*args.compare, args.upto)
+        for step, column, old, new in differ[:20]:
+            print(f"step {step} {column}: committed {old}, re-run {new}")
+        print(f"replay check {args.compare[0]}: {rows} rows x {columns} columns of {args.compare[1]} (all but "
+              f"{', '.join(REPLAY_SKIP)}; eff_rank within 1e-6): " + (f"{len(differ)} differ" if differ else "equal"))
+        raise SystemExit(1 if differ or not rows else 0)
     os.makedirs(args.out, exist_ok=True)
     draw_masks(os.path.join(args.out, "masks.png"), args.image)
     study = study_runs(args.study)

@@ -1,9 +1,9 @@
-"""Prediction losses, the VICReg and SIGReg regularisers, and the statistics that show collapse.
+"""Prediction losses, the pixel targets, and the VICReg and SIGReg regularisers.
 
 I-JEPA regresses the target encoder's (layer-normalised) features at the target patches. The
 paper writes an L2 loss (Sec. 3, Eq. 1); the official code uses smooth-L1 (`F.smooth_l1_loss` in
 src/train.py). A collapsed encoder (every image mapped to the same vector) makes any of these losses
-zero, so a low loss alone proves nothing: `collapse_stats` is what tells a healthy run from a
+zero, so a low loss alone proves nothing: monitor.py's statistics tell a healthy run from a
 collapsed one. `vicreg_loss` is the optional explicit guard of C-JEPA (Mo & Tong, 2024), which adds
 VICReg's variance and covariance terms (Bardes et al., ICLR 2022) on the online embeddings. `sigreg` is
 LeJEPA's (Balestriero & LeCun, 2025): it pushes embeddings toward an isotropic Gaussian, with which LeJEPA
@@ -85,43 +85,3 @@ def sigreg(z, num_slices=256, generator=None, t_max=3.0, knots=17):
         cos, sin = (all_reduce(v, "sum", dist.group.WORLD) / world for v in (cos, sin))
         n *= world
     return n * (((cos - phi) ** 2 + sin**2) @ (weights * phi)).mean()
-
-
-@torch.no_grad()
-def collapse_stats(z):
-    """Collapse statistics of features z (n, D): {"std_mean", "std_min", "eff_rank"} as floats.
-
-    std: per-dimension standard deviation over the n samples (near 0 = collapse to a constant).
-    eff_rank: exp of the entropy of the normalised singular values (RankMe, Garrido et al. 2023);
-    D for isotropic features, 1 for features that all lie on one line (dimensional collapse).
-    """
-    z = z.float()
-    std = z.std(dim=0)
-    s = torch.linalg.svdvals(z)
-    p = s / s.sum().clamp_min(1e-12) + 1e-12
-    eff_rank = torch.exp(-(p * p.log()).sum())
-    return {"std_mean": std.mean().item(), "std_min": std.min().item(), "eff_rank": eff_rank.item(),
-            "width": min(z.shape)}
-
-
-@torch.no_grad()
-def token_share(feats):
-    """How alike the tokens of one image are, (B, N, D) -> a float: the share of their energy in the image's
-    mean token, N |mean|^2 / sum |token|^2, averaged over images. 1 when every token of an image is the same
-    vector (the image is one point, whatever its patches hold); near 1/N for tokens that cancel out. Tells a
-    regulariser that flattens each image into one vector from one that spreads the images apart."""
-    feats = feats.float()
-    energy = feats.pow(2).sum(dim=(1, 2)).clamp_min(1e-12)  # (B,)
-    return (feats.shape[1] * feats.mean(dim=1).pow(2).sum(-1) / energy).mean().item()
-
-
-def collapse_suspected(stats, start):
-    """The monitor's alarm: the per-dimension std fell below a tenth of its value at the start of the run,
-    or the effective rank below a fifth of it, below 1.5 (the features lie nearly on one line), or below 4%
-    of the width it could reach (min(batch, features), stats["width"]). The floors matter because a
-    random-init encoder can start near rank 3 (cifar10-mini), where a fifth is under 1: a target moved too
-    fast (--ema 0 0) sat at rank 1.3, and the small preset without VICReg at rank 2.5 of 64 for a whole
-    run, both unflagged by the relative rule alone. 4% of 64 is 2.56: over the 21 study runs logged, no
-    healthy run went below 2.61 after its first step, and the dimensionally collapsed ones sat at 1.1-2.5."""
-    return (stats["std_mean"] < 0.1 * start["std_mean"]
-            or stats["eff_rank"] < max(0.2 * start["eff_rank"], 1.5, 0.04 * stats.get("width", 0)))

@@ -8,6 +8,10 @@
 #   SEEDS="0 1 2" bash study.sh DATA NAME   # seeds: seed 0 into runs/study/NAME, seed S into runs/study/NAME-sS
 # Each run is then scored by eval_knn.py (kNN and the linear probe) into runs/study/NAME.eval.
 #   RESUME=1 bash study.sh DATA NAME       # a run cut short (machine gone, signal) continues from its latest.pt
+#   REPLAY=390 bash study.sh DATA NAME     # re-run to step 390 into runs/replay/NAME and compare with the committed
+#                                          # log (figures/logs/study/NAME): equal in every column but img_per_s
+# OUT and LOGS move runs/study (runs/replay) and figures/logs/study. Every row runs in bfloat16, the precision
+# its committed log was made in, and one thread a row (OMP_NUM_THREADS=1): both change the numbers.
 # Two rows at a time with a thread each beat one row on both cores (~17 min a row; LeWorldModel's ~55):
 #   OMP_NUM_THREADS=1 bash study.sh DATA A B & OMP_NUM_THREADS=1 bash study.sh DATA C D   # salt-1 before salt-2
 # Two bases: "plain" is the paper's recipe (smooth L1 on the last layer's normalised target, no extra
@@ -15,7 +19,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 data=${1:-../shared/data/cifar10-mini}; shift || true
-common="--preset small --data $data --knn-every 390 --log-every 130"
+common="--preset small --data $data --knn-every 390 --log-every 130 --dtype bfloat16 --probe"
 plain="$common --vicreg 0 --invariance 0 --target-layers 1 --rgb-aux 0 --loss smooth_l1"
 heavy="--context complement --num-targets 8 --target-scale 0.15 0.15"  # V-JEPA's masks: ~83% hidden on 8x8
 rows=(  # in the order they run when no names are given: the rows that answer the most first
@@ -29,7 +33,7 @@ rows=(  # in the order they run when no names are given: the rows that answer th
   "plain-vicreg-1|$plain --vicreg 1"
   "plain-vjepa|$plain --loss l1 $heavy"
   "plain-salt-1|$plain --latent-weight 0 --rgb-aux 1 --steps 1950"  # SALT: half the steps each
-  "plain-salt-2|$plain --target frozen --teacher runs/study/plain-salt-1%s/latest.pt --steps 1950"  # %s: the seed's suffix
+  "plain-salt-2|$plain --target frozen --teacher %o/plain-salt-1%s/latest.pt --steps 1950"  # %o: OUT, %s: seed's suffix
   "plain-target-norm-none|$plain --target-norm none"
   "plain-loss-l2|$plain --loss l2"
   "plain-loss-l1|$plain --loss l1"
@@ -65,15 +69,23 @@ rows=(  # in the order they run when no names are given: the rows that answer th
 for want in "$@"; do  # a misspelt name is an error, not a row silently skipped
   printf '%s\n' "${rows[@]}" | grep -q "^$want|" || { echo "error: study.sh: no row named '$want'" >&2; exit 2; }
 done
-mkdir -p runs/study
+out=${OUT:-runs/$([[ -n ${REPLAY:-} ]] && echo replay || echo study)}; logs=${LOGS:-figures/logs/study}
+teachers=$([[ -n ${REPLAY:-} ]] && echo runs/study || echo "$out")  # SALT's stage 1, finished: a replay's teacher too
+mkdir -p "$out"
 for row in "${rows[@]}"; do
   name=${row%%|*}; flags=${row#*|}
   [[ $# -eq 0 || " $* " == *" $name "* ]] || continue
   for seed in ${SEEDS:-0}; do
-    suffix=$([[ $seed == 0 ]] || echo "-s$seed"); run=$name$suffix
-    python train.py ${flags//%s/$suffix} --seed "$seed" --out runs/study/$run ${RESUME:+--auto-resume} | grep '^summary' > runs/study/$run.summary
-    python eval_knn.py --ckpt runs/study/$run/latest.pt --data "$data" --which "$(
-      [[ $flags == *"--target frozen"* ]] && echo context || echo target)" > runs/study/$run.eval
-    echo "$run | $(cat runs/study/$run.summary)"
+    suffix=$([[ $seed == 0 ]] || echo "-s$seed"); run=$name$suffix; flags=${flags//%o/$teachers}
+    if [[ -n ${REPLAY:-} ]]; then  # the row's first REPLAY steps, then the check; exit 75 is --stop-at's
+      rm -rf "${out:?}/$run"
+      python train.py ${flags//%s/$suffix} --seed "$seed" --out "$out/$run" --stop-at "$REPLAY" > "$out/$run.out" || [[ $? == 75 ]]
+      python figures.py --compare "$out/$run/log.csv" "$logs/$run/log.csv" --upto "$REPLAY"
+      continue
+    fi
+    python train.py ${flags//%s/$suffix} --seed "$seed" --out "$out/$run" ${RESUME:+--auto-resume} | grep '^summary' > "$out/$run.summary"
+    python eval_knn.py --ckpt "$out/$run/latest.pt" --data "$data" --which "$(
+      [[ $flags == *"--target frozen"* ]] && echo context || echo target)" > "$out/$run.eval"
+    echo "$run | $(cat "$out/$run.summary")"
   done
 done
