@@ -55,6 +55,9 @@ def make_parser(preset):
     g.add_argument("--depth", type=int, help="encoder depth, overriding the model's (a shallower ViT is faster)")
     g.add_argument("--img-size", type=int, help="crop size in pixels")
     g.add_argument("--patch-size", type=int, help="patch side in pixels")
+    g.add_argument("--init", metavar="PATH", help="start from pretrained weights: our checkpoint, an official "
+                   ".pth.tar, a transformers IJepaModel folder or a timm vit_*_gap file; both encoders from it (the "
+                   "predictor too where it has one); step 0, fresh optimizer and schedules, a new --out")
     g.add_argument("--pred-depth", type=int, help="predictor depth; official 12 (narrow and deep, paper Sec. 5)")
     g.add_argument("--pred-dim", type=int, help="predictor width; official 384")
     g = p.add_argument_group("optimisation (schedules are pure functions of the step)")

@@ -1,8 +1,12 @@
-"""The encoder out to the libraries people already use: Hugging Face transformers and timm.
+"""The encoder's formats, both ways: ours, the official .pth.tar, Hugging Face transformers and timm.
 
     python export.py runs/cifar/latest.pt --to hf runs/cifar/hf          # IJepaModel.from_pretrained(DIR)
     python export.py runs/cifar/latest.pt --to timm runs/cifar/timm.pt   # a timm vit_*_gap model's state dict
     python export.py IN1K-vit.h.14-300e.pth.tar --to hf vith14 --which context   # an official file, the same way
+    encoder = load_encoder("vith14")   # in: any of the four, told apart by what the path holds
+
+`load_encoder` / `encoder_state` read all four back (eval_knn.py --ckpt, train.py --teacher and --init use them),
+the architecture read from the weights or the folder's config.json; each format's reader sits beside its writer.
 
 Our weights already carry the official I-JEPA names (models.py), so each library is a renaming away:
   * transformers' IJepaModel (the hub's facebook/ijepa_* files) splits the fused `qkv` projection into
@@ -23,7 +27,93 @@ import os
 
 import torch
 
-from eval_knn import encoder_state  # weights_only loading; our checkpoints and official ones
+import models
+from checkpoint import load_checkpoint  # weights_only: a checkpoint never runs code
+
+# --------------------------------------------------------------------------------------------- in
+
+def encoder_config_from_weights(state, patch_size=None):
+    """The architecture of weights that store no config (official, timm), from their shapes."""
+    proj = state["patch_embed.proj.weight"]  # (D, 3, p, p)
+    dim, depth = proj.shape[0], len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    heads = {c["embed_dim"]: c["num_heads"] for c in models.VIT_CONFIGS.values()}.get(dim)
+    if heads is None:
+        raise SystemExit(f"error: no official ViT has width {dim}; cannot infer the number of heads")
+    patch = patch_size or proj.shape[-1]
+    side = int(round(state["pos_embed"].shape[1] ** 0.5))
+    return dict(img_size=side * patch, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads,
+                mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / dim)
+
+
+KINDS = ("our checkpoint (latest.pt, best.pt), an official .pth.tar, a transformers IJepaModel folder "
+         "(config.json + model.safetensors) or a timm vit_*_gap state dict (.pt or .safetensors)")
+
+
+def read_weights(path):
+    """What `path` holds, told apart by its content -> (kind, {"target": state, "context": state, "predictor":
+    state} with the parts it has, the encoder's config). Ours and the official carry both encoders and the
+    predictor; a transformers folder and a timm file carry one encoder, under both names."""
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+        state, config = read_hf(path)
+        return "transformers", {"target": state, "context": state}, config
+    if not os.path.exists(path):
+        raise SystemExit(f"error: {path} does not exist")
+    ckpt = read_safetensors(path) if path.endswith(".safetensors") else load_checkpoint(path) if os.path.isfile(
+        path) else {}
+    if "pos_embed" in ckpt and "patch_embed.proj.weight" in ckpt:  # one encoder's tensors under our names
+        state, config = read_timm(ckpt)
+        return "timm", {"target": state, "context": state}, config
+    if "target_encoder" in ckpt or "encoder" in ckpt:  # ours (with its config) or the official (module.-prefixed)
+        parts = {which: {k.removeprefix("module."): v for k, v in ckpt[key].items()} for which, key in
+                 (("target", "target_encoder"), ("context", "encoder"), ("predictor", "predictor")) if key in ckpt}
+        encoder = parts.get("target", parts.get("context"))
+        config = ckpt["config"]["encoder"] if "config" in ckpt else encoder_config_from_weights(encoder)
+        return "ours" if "config" in ckpt else "official", parts, config
+    raise SystemExit(f"error: {path} is none of the kinds read here: {KINDS}")
+
+
+def encoder_state(path, which="target", patch_size=None):
+    """-> (state dict under our names, encoder config) of the `which` encoder (target or context) at `path`."""
+    kind, parts, config = read_weights(path)
+    if which not in parts:
+        raise SystemExit(f"error: {path} ({kind}) has no {which} encoder")
+    if patch_size and kind == "official":  # a file that stores no config, read with another patch size
+        config = encoder_config_from_weights(parts[which], patch_size)
+    return parts[which], config
+
+
+def load_encoder(path, which="target", patch_size=None):
+    """An encoder rebuilt from any of the four kinds (read_weights), in eval mode's absence: a plain module."""
+    state, config = encoder_state(path, which, patch_size)
+    encoder = models.VisionTransformer(**config)
+    encoder.load_state_dict(state)
+    encoder.config = config  # so that a random-init control of the same shape can be built
+    return encoder
+
+
+def load_into(path, config, flag, **modules):
+    """Pretrained weights of any kind read_weights reads into a freshly built run: each of modules' context,
+    target and predictor from the file's part of that name where it has one (an encoder-only file gives its one
+    encoder to both; the predictor then starts fresh). A file of another shape than `config` ({"encoder": ...,
+    "predictor": ...}) is refused in one line naming `flag` -> what was loaded, in words."""
+    kind, parts, found = read_weights(path)
+    keys, want = ("patch_size", "embed_dim", "depth", "img_size"), config["encoder"]
+    if any(found[k] != want[k] for k in keys):
+        raise SystemExit(f"error: {flag} {path} holds a ViT of " + ", ".join(f"{k} {found[k]}" for k in keys) +
+                         "; this run builds " + ", ".join(f"{k} {want[k]}" for k in keys) +
+                         ": set --model, --depth, --patch-size and --img-size to match")
+    loaded = [name for name, module in modules.items() if name in parts]
+    for name in loaded:
+        try:
+            modules[name].load_state_dict(parts[name])
+        except RuntimeError:  # the predictor, whose shape the checks above leave out
+            raise SystemExit(f"error: {flag} {path} has a {name} of another shape than this run's: set --pred-depth "
+                             "and --pred-dim to its own") from None
+    return (f"{flag} {path}: {kind} weights; " + ", ".join(loaded) + " loaded" + "; the predictor starts fresh" * (
+        "predictor" in modules and "predictor" not in loaded))
+
+
+# -------------------------------------------------------------------------------------------- out
 
 HF_LAYER = {"norm1": "layernorm_before", "attn.proj": "attention.output.dense", "norm2": "layernorm_after",
             "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}  # ours -> the hub's, per block
@@ -81,6 +171,21 @@ def hf_preprocessor(config):
             "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
 
 
+def read_hf(folder):
+    """A transformers IJepaModel folder (config.json and model.safetensors, as the hub's facebook/ijepa_* and
+    --to hf write) -> (state under our names, config from config.json)."""
+    cfg = json.load(open(os.path.join(folder, "config.json")))
+    hf = {k.removeprefix("ijepa."): v for k, v in read_safetensors(os.path.join(folder, "model.safetensors")).items()}
+    config = dict(img_size=cfg["image_size"], patch_size=cfg["patch_size"], embed_dim=cfg["hidden_size"],
+                  depth=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"],
+                  mlp_ratio=cfg["intermediate_size"] / cfg["hidden_size"])
+    try:
+        return from_hf(hf, config["depth"]), config
+    except KeyError as e:
+        raise SystemExit(f"error: {folder}/model.safetensors has no {e} (transformers' IJepaModel names expected)"
+                         ) from None
+
+
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
 
 
@@ -110,6 +215,12 @@ def read_safetensors(path):
     dtypes = {v: k for k, v in SAFETENSORS_DTYPES.items()}
     return {name: torch.frombuffer(body[a:b], dtype=torch.uint8).view(dtypes[meta["dtype"]]).reshape(meta["shape"])
             for name, meta in header.items() if name != "__metadata__" for a, b in [meta["data_offsets"]]}
+
+
+def read_timm(state):
+    """A timm vit_*_gap state dict (the one timm's I-JEPA weights and --to timm hold: our names, no class token)
+    -> (state, config read from its shapes)."""
+    return dict(state), encoder_config_from_weights(state)
 
 
 def timm_line(config):

@@ -1831,7 +1831,7 @@ def test_knn_and_probe_import_and_run_with_torch_alone(tmp_path):
             "g = torch.Generator().manual_seed(0)\n"
             "y = torch.arange(40) % 2\nx = torch.randn(40, 4, generator=g) + 10 * torch.eye(4)[y]\n"
             "print(knn_classify(x, y, x, y, k=5)[0], linear_probe(x, y, x, y)[0])\n")
-    out = run_alone(tmp_path, ["eval_knn.py", "models.py", "masks.py", "checkpoint.py"], code)
+    out = run_alone(tmp_path, ["eval_knn.py", "export.py", "models.py", "masks.py", "checkpoint.py"], code)
     assert [float(v) for v in out.split()] == [100.0, 100.0]
 
 
@@ -1898,6 +1898,106 @@ def test_export_official_file_and_timm_state_dict(tmp_path):
     config = json.load(open(tmp_path / "hf" / "config.json"))
     assert (config["hidden_size"], config["num_hidden_layers"], config["patch_size"], config["image_size"]) == (
         192, 2, 8, 32)
+
+
+def trained_run(tmp_path):
+    """A 1-step run of a 2-deep ViT-Tiny/8 at 32 px -> its latest.pt."""
+    train.main(["--data", make_folder(str(tmp_path / "data")), "--steps", "1", "--batch-size", "4", *TINY,
+                "--depth", "2", "--out", str(tmp_path / "run")])
+    return str(tmp_path / "run" / "latest.pt")
+
+
+@pytest.mark.parametrize("kind", ["ours", "official", "hf", "timm", "timm-safetensors"])
+def test_every_format_reads_back_the_encoder_it_was_written_from(tmp_path, kind):
+    ckpt = trained_run(tmp_path)
+    path = {"ours": ckpt, "official": str(tmp_path / "official.pth.tar"), "hf": str(tmp_path / "hf"),
+            "timm": str(tmp_path / "timm.pt"), "timm-safetensors": str(tmp_path / "timm.safetensors")}[kind]
+    torch.save({part: {"module." + k: v for k, v in load(ckpt)[part].items()}
+                for part in ("encoder", "target_encoder", "predictor")}, tmp_path / "official.pth.tar")
+    if kind in ("hf", "timm"):
+        export.main([ckpt, "--to", kind, path, "--which", "context"])
+    export.write_safetensors(load(ckpt)["encoder"], str(tmp_path / "timm.safetensors"))
+    which = "target" if kind in ("ours", "official") else "context"  # the one encoder of an export: the context
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ours, back = (export.load_encoder(p, which).eval()(x) for p in (ckpt, path))
+    torch.testing.assert_close(back, ours, atol=1e-6, rtol=1e-6)
+
+
+def test_a_path_of_no_known_kind_is_one_line_naming_the_kinds(tmp_path):
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    os.makedirs(tmp_path / "folder")
+    for path in (tmp_path / "other.pt", tmp_path / "folder"):
+        with pytest.raises(SystemExit, match="is none of the kinds read here: our checkpoint .*transformers.*timm"):
+            export.load_encoder(str(path))
+
+
+def test_transformers_loads_the_export_with_the_same_features(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    ckpt = trained_run(tmp_path)
+    export.main([ckpt, "--to", "hf", str(tmp_path / "hf"), "--which", "context"])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        theirs = transformers.IJepaModel.from_pretrained(str(tmp_path / "hf")).eval()(pixel_values=x).last_hidden_state
+        torch.testing.assert_close(theirs, export.load_encoder(ckpt, "context").eval()(x), atol=1e-5, rtol=1e-5)
+
+
+def test_timm_loads_the_export_with_the_same_features(tmp_path):
+    timm = pytest.importorskip("timm")
+    ckpt = trained_run(tmp_path)
+    export.main([ckpt, "--to", "timm", str(tmp_path / "timm.pt")])
+    config = load(ckpt)["config"]["encoder"]
+    model = eval(export.timm_line(config), {"timm": timm})  # the line export.py prints
+    model.load_state_dict(load(tmp_path / "timm.pt"))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ours = export.load_encoder(ckpt).eval()(x).mean(dim=1)
+        torch.testing.assert_close(model.eval()(x), ours, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["ours", "hf"])
+def test_init_starts_a_run_from_pretrained_weights_at_step_zero(tmp_path, kind):
+    ckpt = trained_run(tmp_path)
+    source = ckpt if kind == "ours" else str(tmp_path / "hf")
+    if kind == "hf":
+        export.main([ckpt, "--to", "hf", source, "--which", "context"])
+    common = ["--data", make_folder(str(tmp_path / "data2")), "--steps", "1", "--batch-size", "4", *TINY,
+              "--depth", "2", *NO_STEP, "--ema", "1", "1", "--wd", "0", "--final-wd", "0"]  # a step that moves nothing
+    summary = train.main([*common, "--init", source, "--out", str(tmp_path / "init")])
+    fresh, before = load(tmp_path / "init" / "latest.pt"), load(ckpt)
+    assert fresh["step"] == 1 and fresh["args"]["init"] == source and summary["init"] == source
+    assert open(tmp_path / "init" / "log.csv").readline().rstrip().endswith(f"init={source}")
+    parts = ("encoder", "target_encoder", "predictor") if kind == "ours" else ("encoder",)
+    for part in parts:
+        assert all(torch.equal(fresh[part][k], v) for k, v in before[part].items()), part
+    if kind == "hf":  # one encoder, for both; the predictor from scratch, not the source's
+        assert all(torch.equal(fresh["target_encoder"][k], v) for k, v in before["encoder"].items())
+        assert not torch.equal(fresh["predictor"]["mask_token"], before["predictor"]["mask_token"])
+
+
+def test_init_of_another_shape_is_one_line(tmp_path):
+    ckpt = trained_run(tmp_path)
+    r = run_train("--data", make_folder(str(tmp_path / "data2")), "--steps", "1", "--batch-size", "4", *TINY,
+                  "--init", ckpt, "--out", str(tmp_path / "o"))  # a 12-deep run from a 2-deep file
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "depth 2" in r.stderr, r.stderr
+    assert "--init" in r.stderr and "depth 12" in r.stderr
+
+
+def test_probe_features_of_the_last_k_blocks_are_each_normed_pooled_and_concatenated():
+    encoder = models.VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2).eval()
+    images = [(torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(i)), i % 2) for i in range(6)]
+    loader = torch.utils.data.DataLoader(images, batch_size=4)
+    one, labels = eval_knn.extract_features(encoder, loader, torch.device("cpu"))
+    two = eval_knn.extract_features(encoder, loader, torch.device("cpu"), layers=2)[0]
+    x = torch.stack([img for img, _ in images])
+    with torch.no_grad():  # the blocks run by hand
+        h, outs = encoder.patch_embed(x) + encoder.pos_embed, []
+        for blk in encoder.blocks:
+            h = blk(h)
+            outs.append(encoder.norm(h).mean(dim=1))
+    torch.testing.assert_close(one, outs[-1])
+    torch.testing.assert_close(two, torch.cat(outs[-2:], dim=1))
+    assert two.shape == (6, 64) and labels.tolist() == [0, 1, 0, 1, 0, 1]
 
 
 # ------------------------------------------------------------------------------------------------------ bench.py

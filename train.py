@@ -27,7 +27,8 @@ import config
 import data
 import models
 from ema import ema_update, make_target, momentum_at
-from eval_knn import knn_against_random_init, knn_evaluate, load_encoder
+from eval_knn import knn_against_random_init, knn_evaluate
+from export import load_into
 from losses import jepa_loss, pixel_targets, sigreg, vicreg_loss
 from machine import facts, peak_mem_mb, setup_precision, setup_processes, step_unless
 from masks import apply_masks, sample_masks
@@ -169,20 +170,17 @@ def model_config(args):
                               depth=args.pred_depth, num_heads=vit["num_heads"])}
 
 
-def build(args, device):
+def build(args, device, log=print):
     """The networks and their optimizer: context encoder and predictor (and the --rgb-aux head) are
     trained; the target is a frozen copy that never enters the optimizer (ema.py says why)."""
     config = model_config(args)
     encoder = models.VisionTransformer(**config["encoder"]).to(device)
     predictor = models.VisionTransformerPredictor(**config["predictor"]).to(device)
     target = encoder if args.target == "shared" else make_target(encoder)
-    if args.teacher:
-        try:  # load_state_dict checks every name and shape
-            target.load_state_dict(load_encoder(args.teacher).state_dict())
-        except RuntimeError:
-            raise SystemExit(f"error: --teacher {args.teacher} has another architecture than --model {args.model}"
-                             f" --depth {args.depth} at --img-size {args.img_size} / --patch-size {args.patch_size}"
-                             ) from None
+    if args.init and not args.resume:  # pretrained weights in (a resumed run has its own), of any kind export reads
+        log(load_into(args.init, config, "--init", context=encoder, target=target, predictor=predictor))
+    if args.teacher:  # SALT's frozen target: the teacher's target encoder
+        load_into(args.teacher, config, "--teacher", target=target)
     # Off as the paper, whose claim is that latent targets suffice; on small data they alone let the
     # features trade the colour and layout that kNN reads for shape after ~4,000 steps (EXPERIMENTS.md).
     rgb_head = torch.nn.Linear(encoder.embed_dim, 3 * args.patch_size**2).to(device) if args.rgb_aux > 0 else None
@@ -373,9 +371,9 @@ def main(argv=None):
     dtype, autocast, scaler = setup_precision(args, device, log, recorded, model_config(args)["encoder"]["embed_dim"])
     torch.manual_seed(args.seed)
     train_set, bank_set, query_set, steps_per_epoch, total, warmup = setup_data(args, world)
-    nets, optimizer, model = build(args, device)
+    nets, optimizer, model = build(args, device, log)
     monitor, grid = Monitor(**config.monitor_settings(args)), (args.img_size // args.patch_size,) * 2
-    ran_on = facts(device, dtype)  # what decides the numbers besides the flags: torch, threads, CPU or GPU, dtype
+    ran_on = {**facts(device, dtype), **({"init": args.init} if args.init else {})}  # all that decides the numbers
     start = resume(ckpt_path, nets, optimizer, scaler, model, monitor, args, log) if args.resume else 0
     wrap(nets, args, device, ddp)
     loader = torch.utils.data.DataLoader(
