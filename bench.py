@@ -11,7 +11,8 @@ batch; and decode + random-resized-crop + collate of generated 500x375 JPEGs in 
 come from torch.utils.flop_counter (averaged over batches: context lengths vary); the peak is a dense
 matmul of the same dtype measured in the same run, so MFU = achieved / measured peak. `--profile` adds where
 the step's time goes (torch.profiler): by kind of GPU kernel on a GPU (operators' own time on a CPU), the
-kernels launched, and the GPU's idle share of the step, time it waited for the host.
+kernels launched, and the GPU's idle share of the step, time it waited for the host. On a CPU it also times the
+step in float32 and in bfloat16 and says which precision train.py picks here (machine.autocast_dtype).
 """
 import argparse
 import os
@@ -99,7 +100,9 @@ def main(argv=None):
     if args.deterministic:  # as train.py: its cost is one of the figures asked of bench.py
         machine.deterministic_mode()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = machine.autocast_dtype(device, args.dtype)
+    width = train.model_config(args)["encoder"]["embed_dim"]
+    picked = machine.autocast_dtype(device, None, width=width)  # what train.py picks here (measured on a CPU)
+    dtype = getattr(torch, args.dtype) if args.dtype else picked
     args.dtype = str(dtype).removeprefix("torch.")
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -111,7 +114,7 @@ def main(argv=None):
     imgs = torch.randn(B, 3, args.img_size, args.img_size, device=device)
     mask_gen, ctx_tokens = torch.Generator().manual_seed(0), []
 
-    def step():  # one iteration of train.py's loop, minus data loading and logging
+    def step(autocast=autocast):  # one iteration of train.py's loop, minus data loading and logging
         masks_ctx, masks_tgt = (m.to(device) for m in sample_masks(B, (grid, grid), generator=mask_gen, **mask_kw))
         ctx_tokens.append(masks_ctx.shape[1])
         view = None
@@ -160,6 +163,15 @@ def main(argv=None):
     print(f"peak memory {mem:8.0f} MB")
     print(f"summary: img_per_s={img_s:.1f} step_ms={step_ms:.1f} gflop_per_step={gflop:.2f} tflops={tflops:.3f} "
           f"mfu={tflops / peak:.3f} peak_tflops={peak:.3f} ctx_tokens={statistics.mean(ctx_tokens):.1f}")
+    if device.type == "cpu":  # the step in both precisions, beside the choice a linear layer's speed made
+        speeds = {}
+        for other in (torch.float32, torch.bfloat16):
+            ms = median_ms(lambda: step(torch.autocast("cpu", dtype=other, enabled=other != torch.float32)), device,
+                           own.repeats)
+            speeds[str(other)[6:]] = B / ms * 1000
+            print(f"step in {str(other)[6:]:8s} {ms:8.1f} ms  {B / ms * 1000:8.1f} img/s")
+        print(f"precision   train.py picks {str(picked)[6:]} here; the step: bfloat16 at "
+              f"{speeds['bfloat16'] / speeds['float32']:.2f}x float32")
     if own.profile:
         profile_step(step, device)
 

@@ -23,7 +23,8 @@ import torch  # noqa: E402
 
 from PIL import Image  # noqa: E402
 
-from data import MEAN, STD, DemoTextures, to_tensor  # noqa: E402
+import models  # noqa: E402
+from data import MEAN, STD, CenterCrop, DemoTextures, ImageFolder, to_tensor  # noqa: E402
 from masks import sample_masks  # noqa: E402
 from monitor import Monitor  # noqa: E402  (the rule itself, not a copy of it)
 
@@ -344,6 +345,48 @@ def early_stop_table(logs):
     return "\n".join(rows)
 
 
+def pca_colours(tokens, shown, k=3):
+    """Patch features tokens (B, N, D) of many images -> (len(shown), N, k) in [0, 1] for the images `shown` (indices):
+    each patch's mean over the B images at its position taken away (what the position alone explains: the sin-cos
+    table otherwise fills the first components), then the first k principal components of all the patches, each
+    stretched to [0, 1] between its 1st and 99th percentiles."""
+    centred = (tokens - tokens.mean(dim=0)).double()  # (B, N, D)
+    _, _, v = torch.linalg.svd(centred.flatten(0, 1), full_matrices=False)
+    pcs = centred @ v[:k].T  # (B, N, k)
+    lo, hi = pcs.flatten(0, 1).quantile(0.01, dim=0), pcs.flatten(0, 1).quantile(0.99, dim=0)
+    return ((pcs[shown] - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1).float()
+
+
+def draw_features(ckpt, folder, path, count=6, seed=0):
+    """The first three principal components of the patch features as colours, beside the images: `count` images
+    of FOLDER (an ImageFolder, one per class in turn), the trained target encoder of `ckpt` against a random-init
+    encoder of the same shape (seeded), each fitted on its own patches."""
+    from export import load_encoder
+    trained = load_encoder(ckpt).eval()
+    torch.manual_seed(seed)
+    random = models.VisionTransformer(**trained.config).eval()
+    images = ImageFolder(folder, CenterCrop(trained.config["img_size"]))
+    picked = list(range(0, len(images), max(len(images) // 256, 1)))
+    labels = [images.targets[i] for i in picked]
+    shown = [labels.index(c) for c in sorted(set(labels))[:count]]  # the first image of each class
+    x = torch.stack([images[i][0] for i in picked])  # (~256, 3, H, W): the images the components are fitted on
+    fig, axes = plt.subplots(3, count, figsize=(1.6 * count, 5.2))
+    with torch.no_grad():
+        rows = [("image", (x[shown] * STD[:, None, None] + MEAN[:, None, None]).clamp(0, 1).permute(0, 2, 3, 1))] + [
+            (name, pca_colours(net(x), shown).view(count, *trained.grid, 3))
+            for name, net in (("trained", trained), ("random init", random))]
+    for r, (name, pictures) in enumerate(rows):
+        for c in range(count):
+            axes[r, c].imshow(pictures[c].numpy(), interpolation="nearest")
+            axes[r, c].set_xticks([]), axes[r, c].set_yticks([])
+        axes[r, 0].set_ylabel(name, fontsize=9)
+    for c in range(count):
+        axes[0, c].set_title(images.classes[labels[shown[c]]], fontsize=8)
+    fig.suptitle("Patch features less their position's mean, first 3 principal components as RGB", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
 def draw_small(folder, path):
     """kNN of the small preset's runs against minutes of training, with the two flat references."""
     runs = find_logs(folder)
@@ -373,6 +416,8 @@ def main(argv=None):
     p.add_argument("--compare", nargs=2, metavar=("RERUN", "COMMITTED"),
                    help="instead of drawing: compare a re-run's log.csv with a committed one (study.sh REPLAY=STEP)")
     p.add_argument("--upto", type=int, help="with --compare: the last step compared (a re-run cut short there)")
+    p.add_argument("--features", nargs=2, metavar=("CKPT", "FOLDER"),
+                   help="also features.png: the patch features of CKPT's target encoder on images of FOLDER as colours")
     args = p.parse_args(argv)
     if args.compare:
         rows, columns, differ = compare_logs(*args.compare, args.upto)
@@ -389,7 +434,9 @@ def main(argv=None):
     print(study_table(args.study, study))
     print(seed_table(args.study, list(study)))
     print(early_stop_table(study))
-    print(f"wrote masks.png, study.png and small.png to {args.out}")
+    if args.features:
+        draw_features(*args.features, os.path.join(args.out, "features.png"))
+    print(f"wrote masks.png, study.png, small.png{', features.png' * bool(args.features)} to {args.out}")
 
 
 if __name__ == "__main__":

@@ -2002,6 +2002,14 @@ def test_probe_features_of_the_last_k_blocks_are_each_normed_pooled_and_concaten
 
 # ------------------------------------------------------------------------------------------------------ bench.py
 
+def test_bench_times_the_step_in_both_precisions_and_says_which_train_picks(capsys):
+    bench.main(["--repeats", "1", "--data", "demo", "--batch-size", "4", *TINY, "--depth", "1"])
+    out = capsys.readouterr().out
+    picked = re.search(r"precision   train.py picks (\w+) here", out).group(1)
+    assert "step in float32" in out and "step in bfloat16" in out and picked in ("float32", "bfloat16")
+    assert "float32 on cpu" in out  # the figures above are for --dtype when given
+
+
 def test_bench_profile_kinds_by_hand():
     kind = lambda name: next((k for k, p in bench.KINDS if re.search(p, name, re.IGNORECASE)), "other")  # noqa
     names = {"flash_fwd_kernel": "attention", "fmha_cutlassB_f32_aligned_64x64_k64_sm80": "attention",
@@ -2079,6 +2087,16 @@ def test_study_early_stop_replay_by_hand():
     # patience 3, margin 0.5: 31.2, 30.0 and 29.0 do not beat 31.0 by 0.5; the third of them, at 1950, stops it
     replay = figures.replay_early_stop(logs, patience=3, margin=0.5)
     assert replay == {"peaks": (1950, 780, 31.2, 31.4), "rises": (None, 0, 36.0, 36.0)}
+
+
+def test_feature_colours_take_the_position_away_and_follow_the_content():
+    g = torch.Generator().manual_seed(0)
+    position, content = torch.randn(1, 16, 8, generator=g) * 10, torch.randn(8, generator=g)
+    amount = torch.rand(20, generator=g)  # how much of one direction each image holds, at every patch
+    colours = figures.pca_colours(position + amount[:, None, None] * content, shown=list(range(20)))
+    assert colours.shape == (20, 16, 3) and colours.min() >= 0 and colours.max() <= 1
+    first = colours[:, 0, 0]  # the first component follows the content alone: the order of `amount`, or its reverse
+    assert torch.equal(first.argsort(), amount.argsort()) or torch.equal(first.argsort(), amount.argsort().flip(0))
 
 
 def test_study_salt_stage_two_follows_its_own_seeds_stage_one(tmp_path):
