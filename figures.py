@@ -26,6 +26,7 @@ from PIL import Image  # noqa: E402
 import models  # noqa: E402
 from data import MEAN, STD, CenterCrop, DemoTextures, ImageFolder, to_tensor  # noqa: E402
 from masks import sample_masks  # noqa: E402
+from monitor import collapse_suspected  # noqa: E402
 from monitor import Monitor  # noqa: E402  (the rule itself, not a copy of it)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -198,7 +199,7 @@ def draw_study(folder, logs, path):
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=7, loc="lower right")
         ax.set_ylabel("kNN top-1 (%) on val")
-    axes.flat[7].axis("off")
+    draw_label_free(axes.flat[7], folder, logs)
     ax = axes.flat[6]
     for row, runs in groups.items():
         steps, mean, _, _ = mean_band([logs[run] for run in runs], "eff_rank")
@@ -212,6 +213,24 @@ def draw_study(folder, logs, path):
                  fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=80)
+
+
+def draw_label_free(ax, folder, logs):
+    """The panel of answer 8: LiDAR and RankMe of each run that logged them, at its last evaluation, against
+    eval_knn.py's probe of the run, with their rank correlations."""
+    points = [(log["lidar"][-1], log["rankme"][-1], read_summary(os.path.join(folder, f"{n}.eval"))["linear_top1"])
+              for n, log in logs.items() if log.get("lidar") and log["lidar"][-1] is not None
+              and "linear_top1" in read_summary(os.path.join(folder, f"{n}.eval"))]
+    if len(points) < 3:
+        return ax.axis("off")
+    lidar, rankme, probe = zip(*points)
+    ax.scatter(lidar, probe, s=14, label=f"LiDAR (Spearman {spearman(lidar, probe):+.2f})")
+    ax.scatter(rankme, probe, s=14, facecolors="none", edgecolors="C3",
+               label=f"RankMe ({spearman(rankme, probe):+.2f})")
+    ax.set_xlabel("effective rank at the last evaluation (no labels)")
+    ax.set_ylabel("linear probe (%) on val")
+    ax.set_title(f"quality without labels against the probe, {len(points)} runs", fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
 
 
 def spearman(a, b):
@@ -387,6 +406,53 @@ def draw_features(ckpt, folder, path, count=6, seed=0):
     fig.savefig(path, dpi=90)
 
 
+# Answer 8's statistics: (column, its reading before any run was seen: the evaluation it would pick, as a key
+# on the value, largest wins). LiDAR and RankMe: more directions, better; alpha-ReQ: a decay near 1 (its paper's
+# best); std: more spread; SIGReg and the loss: lower; token_share: an image's tokens less alike.
+STATISTICS = [("lidar", "highest", lambda v: v), ("rankme", "highest", lambda v: v),
+              ("alpha_req", "nearest 1", lambda v: -abs(v - 1)), ("std_mean", "highest", lambda v: v),
+              ("sigreg", "lowest", lambda v: -v), ("token_share", "lowest", lambda v: -v),
+              ("loss", "lowest", lambda v: -v)]
+
+
+def collapsed(log):
+    """Whether the monitor's alarm (monitor.collapse_suspected) calls a logged run collapsed at its last row."""
+    first, last = ({k: log[k][i] for k in ("std_mean", "eff_rank")} for i in (0, -1))
+    return collapse_suspected({**last, "width": 64}, first)
+
+
+def label_free_table(folder, logs):
+    """Answer 8 as markdown: for each statistic, its rank correlation across runs (its value at the last evaluation)
+    with eval_knn.py's final kNN and probe, over every run that logged it and over those not collapsed; and within
+    each run, the evaluation it picks (STATISTICS' reading) against the one kNN picks (best.pt's): the points of kNN
+    and of the in-run probe lost, mean and worst, and the runs where its pick is within a point of kNN's."""
+    runs = {n: log for n, log in logs.items() if "lidar" in log and any(v is not None for v in log["lidar"])}
+    rows = ["| statistic | picks | Spearman with kNN / probe, all runs | the same, not collapsed | kNN lost, mean / "
+            "worst | probe lost, mean / worst | within a point of kNN's pick |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    scores = {n: read_summary(os.path.join(folder, f"{n}.eval")) for n in runs}
+    for column, reading, key in STATISTICS:
+        finals, lost = [], []
+        for name, log in runs.items():
+            evals = [i for i, k in enumerate(log["knn_top1"]) if k is not None]
+            picked = max(evals, key=lambda i: key(log[column][i]))
+            best = max(evals, key=lambda i: log["knn_top1"][i])  # best.pt's: the first of equal peaks
+            lost.append((log["knn_top1"][best] - log["knn_top1"][picked],
+                         log["probe_top1"][best] - log["probe_top1"][picked]))
+            if "knn_top1" in scores[name]:
+                finals.append((log[column][evals[-1]], scores[name]["knn_top1"], scores[name]["linear_top1"],
+                               collapsed(log)))
+        rho = [spearman([f[0] for f in chosen], [f[i] for f in chosen]) for chosen in
+               (finals, [f for f in finals if not f[3]]) for i in (1, 2)]
+        knn_lost, probe_lost = zip(*lost)
+        rows.append(f"| {column} | {reading} | "
+                    f"{rho[0]:+.2f} / {rho[1]:+.2f} ({len(finals)}) | {rho[2]:+.2f} / {rho[3]:+.2f} "
+                    f"({sum(not f[3] for f in finals)}) | {sum(knn_lost) / len(lost):.2f} / {max(knn_lost):.2f} | "
+                    f"{sum(probe_lost) / len(lost):.2f} / {max(probe_lost):.2f} | {sum(k <= 1 for k in knn_lost)} "
+                    f"of {len(lost)} |")
+    return "\n".join(rows)
+
+
 def draw_small(folder, path):
     """kNN of the small preset's runs against minutes of training, with the two flat references."""
     runs = find_logs(folder)
@@ -434,6 +500,7 @@ def main(argv=None):
     print(study_table(args.study, study))
     print(seed_table(args.study, list(study)))
     print(early_stop_table(study))
+    print("\nAnswer 8, quality without labels (the runs that logged LiDAR):\n" + label_free_table(args.study, study))
     if args.features:
         draw_features(*args.features, os.path.join(args.out, "features.png"))
     print(f"wrote masks.png, study.png, small.png{', features.png' * bool(args.features)} to {args.out}")

@@ -2080,6 +2080,23 @@ def test_study_seed_groups_and_table(tmp_path):
                                           "small-lower", "plain-early-stop")] == [0, 1, 3, 4, 5, 5]
 
 
+def test_study_label_free_table_by_hand(tmp_path):
+    def log(knn, probe, lidar, std):  # three evaluations, steps 1-3, the other statistics flat
+        return {"step": [1, 2, 3], "knn_top1": knn, "probe_top1": probe, "lidar": lidar, "rankme": [5.0] * 3,
+                "alpha_req": [1.0] * 3, "std_mean": std, "eff_rank": [3.0] * 3, "sigreg": [1.0] * 3,
+                "token_share": [0.5] * 3, "loss": [0.3] * 3}
+    logs = {"a": log([30.0, 40.0, 35.0], [40.0, 45.0, 44.0], [5.0, 7.0, 6.0], [0.2, 0.2, 0.2]),  # LiDAR picks kNN's
+            "b": log([20.0, 25.0, 30.0], [30.0, 31.0, 33.0], [9.0, 8.0, 7.0], [0.2, 0.2, 0.2]),  # 10 / 3 points off
+            "c": log([10.0, 12.0, 11.0], [20.0, 21.0, 22.0], [3.0, 2.0, 4.0], [0.2, 0.2, 0.01])}  # c collapses
+    for name, knn, probe in (("a", 36.0, 46.0), ("b", 31.0, 34.0), ("c", 11.0, 22.0)):
+        open(tmp_path / f"{name}.eval", "w").write(f"summary: knn_top1={knn} linear_top1={probe}\n")
+    table = figures.label_free_table(str(tmp_path), logs)
+    # final LiDAR 6, 7, 4 against kNN 36, 31, 11: ranks (2, 3, 1) vs (3, 2, 1), rho 0.5; c collapsed (std 0.2 ->
+    # 0.01): 2 runs left, too few for a rank correlation. Lost: a 0 / 0, b 10 / 3 (step 1 against step 3), c 1 / -1
+    # (step 3 against step 2): mean 11/3 and 2/3
+    assert "| lidar | highest | +0.50 / +0.50 (3) | +nan / +nan (2) | 3.67 / 10.00 | 0.67 / 3.00 | 2 of 3 |" in table
+
+
 def test_study_early_stop_replay_by_hand():
     steps = [1, 390, 780, 1170, 1560, 1950, 2340, 2730]
     logs = {"peaks": {"step": steps, "knn_top1": [None, 30.0, 31.0, 31.2, 30.0, 29.0, 31.4, 20.0]},
