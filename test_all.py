@@ -1084,8 +1084,8 @@ def test_bf16_autocast_engages_on_the_step(tmp_path, monkeypatch):
     dtype = [] if torch.cuda.is_available() else ["--dtype", "bfloat16"]  # a GPU's default; a CPU's when asked
     seen, build = set(), train.build
 
-    def build_and_watch(args, device):  # every linear layer of the three networks reports its output's dtype
-        nets, optimizer, config = build(args, device)
+    def build_and_watch(args, device, log=print):  # every linear layer of the three networks reports its output dtype
+        nets, optimizer, config = build(args, device, log)
         for net in (nets.encoder, nets.predictor, nets.target):
             for m in net.modules():
                 if isinstance(m, torch.nn.Linear):
