@@ -783,6 +783,13 @@ def test_step_batches_visit_every_image_once_per_epoch_in_a_new_order():
     assert {e for batch in steps[5:] for _, e in batch} == {1}  # the epoch travels with each index, for its crop
 
 
+def test_step_batches_order_depends_on_the_seed():
+    order = lambda seed: [i for batch in data.StepBatches(40, 8, 0, 1, seed, 0, 10) for i, _ in batch]  # noqa: E731
+    assert order(1) == order(1)  # a function of the seed
+    assert order(1) != order(2) and order(0) != order(2)  # --seed changes the data order, as it changes the masks
+    assert sorted(order(2)[:40]) == list(range(40))  # each still visits every image once an epoch
+
+
 def test_random_resized_crop_is_a_function_of_seed_epoch_and_index():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8))
     crop = data.RandomResizedCrop(16, seed=0)
