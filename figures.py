@@ -176,7 +176,11 @@ def mean_band(logs, key):
 def draw_study(folder, logs, path):
     """kNN against steps in six panels of related rows, each row's mean over its seeds with the min-max band,
     and a seventh panel with every row's effective rank (logs: study_runs(folder))."""
-    fig, axes = plt.subplots(2, 4, figsize=(20, 9.5), sharex=True)
+    fig, axes = plt.subplots(2, 4, figsize=(20, 9.5))
+    for ax in axes.flat[1:7]:  # the panels over steps share them; the eighth has its own axis
+        ax.sharex(axes.flat[0])
+    for ax in axes[0]:
+        ax.tick_params(labelbottom=False)
     groups = seed_groups(logs)
     summaries = glob.glob(os.path.join(folder, "*.summary"))
     random_init = read_summary(summaries[0]).get("knn_top1_random") if summaries else None
@@ -218,15 +222,17 @@ def draw_study(folder, logs, path):
 def draw_label_free(ax, folder, logs):
     """The panel of answer 8: LiDAR and RankMe of each run that logged them, at its last evaluation, against
     eval_knn.py's probe of the run, with their rank correlations."""
-    points = [(log["lidar"][-1], log["rankme"][-1], read_summary(os.path.join(folder, f"{n}.eval"))["linear_top1"])
-              for n, log in logs.items() if log.get("lidar") and log["lidar"][-1] is not None
+    points = [(log["lidar"][-1], log["rankme"][-1], read_summary(os.path.join(folder, f"{n}.eval"))["linear_top1"],
+               collapsed(log)) for n, log in logs.items() if log.get("lidar") and log["lidar"][-1] is not None
               and "linear_top1" in read_summary(os.path.join(folder, f"{n}.eval"))]
     if len(points) < 3:
         return ax.axis("off")
-    lidar, rankme, probe = zip(*points)
-    ax.scatter(lidar, probe, s=14, label=f"LiDAR (Spearman {spearman(lidar, probe):+.2f})")
-    ax.scatter(rankme, probe, s=14, facecolors="none", edgecolors="C3",
+    lidar, rankme, probe, alarm = zip(*points)
+    ax.scatter(lidar, probe, s=16, label=f"LiDAR (Spearman {spearman(lidar, probe):+.2f})")
+    ax.scatter(rankme, probe, s=16, facecolors="none", edgecolors="C3",
                label=f"RankMe ({spearman(rankme, probe):+.2f})")
+    ax.scatter([v for v, a in zip(lidar, alarm) if a], [v for v, a in zip(probe, alarm) if a], s=70, marker="x",
+               color="black", lw=1, label="collapsed (the alarm at the end)")
     ax.set_xlabel("effective rank at the last evaluation (no labels)")
     ax.set_ylabel("linear probe (%) on val")
     ax.set_title(f"quality without labels against the probe, {len(points)} runs", fontsize=10)
