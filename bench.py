@@ -91,6 +91,20 @@ def profile_step(step, device, steps=3):
     return split, wall_ms
 
 
+def batch_ms(batch_size, img_size):
+    """The data pipeline, one worker's throughput: ms to decode, crop and collate a batch of ImageNet-sized JPEGs."""
+    with tempfile.TemporaryDirectory() as root:
+        rng = np.random.default_rng(0)
+        os.makedirs(os.path.join(root, "c"))
+        for i in range(batch_size):
+            pixels = rng.integers(0, 255, (375, 500, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(os.path.join(root, "c", f"{i}.jpg"), quality=90)
+        images = data.ImageFolder(root, data.RandomResizedCrop(img_size, seed=0))
+        batch = [(i, 0) for i in range(batch_size)]
+        collate = torch.utils.data.default_collate
+        return median_ms(lambda: collate([images[item] for item in batch]), torch.device("cpu"), 5)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0] + " Other flags are train.py's.")
     p.add_argument("--repeats", type=int, default=10, help="timed steps (the median is reported)")
@@ -139,17 +153,7 @@ def main(argv=None):
     tflops = gflop / step_ms
     mem = machine.peak_mem_mb(device)
 
-    with tempfile.TemporaryDirectory() as root:  # the data pipeline, one worker's throughput
-        rng = np.random.default_rng(0)
-        os.makedirs(os.path.join(root, "c"))
-        for i in range(B):
-            pixels = rng.integers(0, 255, (375, 500, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(os.path.join(root, "c", f"{i}.jpg"), quality=90)
-        images = data.ImageFolder(root, data.RandomResizedCrop(args.img_size, seed=0))
-        batch = [(i, 0) for i in range(B)]
-        collate = torch.utils.data.default_collate
-        data_ms = median_ms(lambda: collate([images[item] for item in batch]), torch.device("cpu"), 5)
-
+    data_ms = batch_ms(B, args.img_size)
     img_s = B / step_ms * 1000
     print(f"{args.model}/{args.patch_size} at {args.img_size}px, batch {B}, "
           f"predictor {args.pred_depth}x{args.pred_dim}, "

@@ -222,9 +222,10 @@ def draw_study(folder, logs, path):
 def draw_label_free(ax, folder, logs):
     """The panel of answer 8: LiDAR and RankMe of each run that logged them, at its last evaluation, against
     eval_knn.py's probe of the run, with their rank correlations."""
-    points = [(log["lidar"][-1], log["rankme"][-1], read_summary(os.path.join(folder, f"{n}.eval"))["linear_top1"],
-               collapsed(log)) for n, log in logs.items() if log.get("lidar") and log["lidar"][-1] is not None
-              and "linear_top1" in read_summary(os.path.join(folder, f"{n}.eval"))]
+    scores = {n: read_summary(os.path.join(folder, f"{n}.eval")) for n, log in logs.items()
+              if log.get("lidar") and log["lidar"][-1] is not None}
+    points = [(logs[n]["lidar"][-1], logs[n]["rankme"][-1], s["linear_top1"], collapsed(logs[n]))
+              for n, s in scores.items() if "linear_top1" in s]
     if len(points) < 3:
         return ax.axis("off")
     lidar, rankme, probe, alarm = zip(*points)
